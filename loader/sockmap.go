@@ -1,0 +1,350 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultPinPath is where the maps live unless EDGEPROXY_BPF_PIN_PATH says
+// otherwise.
+const DefaultPinPath = "/sys/fs/bpf/edgeproxy"
+
+// FlowArmed is the bit of a flow's state word that makes the verdict
+// redirect; the remaining bits count the bytes the verdict has seen.
+const (
+	FlowArmed     = uint64(1) << 63
+	FlowCountMask = FlowArmed - 1
+)
+
+// Direction of a byte count, as the backend_bytes map stores it.
+const (
+	ClientToBackend = 0
+	BackendToClient = 1
+)
+
+// MaxBackends is how many backends the per-backend byte counters hold.
+const MaxBackends = 4096
+
+// Verdict reasons, in the order of the verdicts map.
+var VerdictReasons = []string{
+	proxyVerdictReasonVERDICT_REDIRECTED:     "redirected",
+	proxyVerdictReasonVERDICT_PASS_UNPAIRED:  "pass_unpaired",
+	proxyVerdictReasonVERDICT_PASS_UNARMED:   "pass_unarmed",
+	proxyVerdictReasonVERDICT_PASS_PEER_GONE: "pass_peer_gone",
+	proxyVerdictReasonVERDICT_PASS_BAD_FLOW:  "pass_bad_flow",
+	proxyVerdictReasonVERDICT_PASS_EMPTY:     "pass_empty",
+}
+
+// Pair names the two sockets of one proxied connection. A socket's flow
+// slot is its file descriptor number: unique while the socket is open and
+// bounded by the open-file limit, so no slot allocator is needed.
+type Pair struct {
+	ClientFD, BackendFD         int
+	ClientCookie, BackendCookie uint64
+	Backend                     uint32 // index for the per-backend byte counters
+}
+
+// Sockmap is the loaded data plane: the verdict program attached to the
+// sockhash, and the maps pinned under PinPath.
+type Sockmap struct {
+	PinPath string
+	objs    proxyObjects
+	flows   []byte // mmap of the flows array
+	slots   int
+	lock    *os.File
+}
+
+// perRunMaps hold state that means nothing once this process is gone (its
+// sockets are closed); a restart replaces them.
+func (o *proxyObjects) perRunMaps() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		"sockets":       o.Sockets,
+		"pairings":      o.Pairings,
+		"flows":         o.Flows,
+		"backend_bytes": o.BackendBytes,
+		"verdicts":      o.Verdicts,
+	}
+}
+
+// Open loads the data plane and pins its maps under pinPath. Pins left by a
+// process that died (even by SIGKILL) are replaced; a pin path held by a
+// live edgeproxy fails with ErrAlreadyLoaded.
+func Open(pinPath string) (*Sockmap, error) {
+	if err := Probe(); err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(filepath.Dir(pinPath)); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(pinPath, 0o700); err != nil {
+		return nil, fmt.Errorf("create pin path %s: %w", pinPath, err)
+	}
+	lock, err := os.Open(pinPath)
+	if err != nil {
+		return nil, fmt.Errorf("open pin path %s: %w", pinPath, err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("lock pin path %s: %w (stop it, or set EDGEPROXY_BPF_PIN_PATH)", pinPath, ErrAlreadyLoaded)
+		}
+		return nil, fmt.Errorf("lock pin path %s: %w", pinPath, err)
+	}
+	s, err := load(pinPath)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	s.lock = lock
+	return s, nil
+}
+
+func load(pinPath string) (*Sockmap, error) {
+	spec, err := loadProxy()
+	if err != nil {
+		return nil, fmt.Errorf("load BPF spec: %w", err)
+	}
+	// A socket's flow slot is its fd, so every map indexed by socket must
+	// hold as many entries as the process can have descriptors.
+	slots := socketSlots()
+	for _, name := range []string{"sockets", "pairings", "flows"} {
+		spec.Maps[name].MaxEntries = uint32(slots)
+	}
+	var objs proxyObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load BPF objects: %+v", verr)
+		}
+		return nil, fmt.Errorf("load BPF objects: %w", err)
+	}
+	s := &Sockmap{PinPath: pinPath, objs: objs, slots: slots}
+	fail := func(err error) (*Sockmap, error) {
+		s.closeObjects()
+		return nil, err
+	}
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target:  objs.Sockets.FD(),
+		Program: objs.SpliceVerdict,
+		Attach:  ebpf.AttachSkSKBStreamVerdict,
+	}); err != nil {
+		return fail(fmt.Errorf("attach stream verdict to sockhash: %w", err))
+	}
+	size := pageAlign(slots * int(unsafe.Sizeof(proxyFlow{})))
+	mem, err := unix.Mmap(objs.Flows.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fail(fmt.Errorf("mmap flows map: %w", err))
+	}
+	s.flows = mem
+	for name, m := range objs.perRunMaps() {
+		path := filepath.Join(pinPath, name)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fail(fmt.Errorf("remove stale pin %s: %w", path, err))
+		}
+		if err := m.Pin(path); err != nil {
+			return fail(fmt.Errorf("pin %s: %w", path, err))
+		}
+	}
+	return s, nil
+}
+
+func socketSlots() int {
+	slots := 65536
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err == nil && lim.Max != unix.RLIM_INFINITY && int(lim.Max) > slots {
+		slots = int(lim.Max)
+	}
+	return slots
+}
+
+func pageAlign(n int) int {
+	page := os.Getpagesize()
+	return (n + page - 1) / page * page
+}
+
+func (s *Sockmap) closeObjects() {
+	if s.flows != nil {
+		_ = unix.Munmap(s.flows)
+		s.flows = nil
+	}
+	s.objs.Close()
+}
+
+// Close unpins the per-run maps and releases the program. Sockets still
+// paired keep their splice until they close.
+func (s *Sockmap) Close() error {
+	var errs []error
+	for name, m := range s.objs.perRunMaps() {
+		if err := m.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
+		}
+	}
+	s.closeObjects()
+	if s.lock != nil {
+		s.lock.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// FlowState is the state word of the flow whose slot is fd, shared with
+// the verdict program through mmap: use atomic operations only.
+func (s *Sockmap) FlowState(fd int) *uint64 {
+	return (*uint64)(unsafe.Pointer(&s.flows[fd*int(unsafe.Sizeof(proxyFlow{}))]))
+}
+
+// Pair connects the two sockets through the kernel. Both directions start
+// unarmed: the verdict counts their bytes and leaves them in each socket's
+// own queue until userspace has forwarded what came first and arms them.
+// It costs three bpf() calls: the pairing entries in one batch, then each
+// socket into the sockhash.
+func (s *Sockmap) Pair(p Pair) error {
+	if p.ClientFD >= s.slots || p.BackendFD >= s.slots {
+		return fmt.Errorf("pair fds %d and %d: beyond %d flow slots", p.ClientFD, p.BackendFD, s.slots)
+	}
+	atomic.StoreUint64(s.FlowState(p.ClientFD), 0)
+	atomic.StoreUint64(s.FlowState(p.BackendFD), 0)
+	keys := []uint64{p.ClientCookie, p.BackendCookie}
+	values := []proxyPairing{
+		{PeerCookie: p.BackendCookie, Flow: uint32(p.ClientFD), Counter: p.Backend*2 + ClientToBackend},
+		{PeerCookie: p.ClientCookie, Flow: uint32(p.BackendFD), Counter: p.Backend*2 + BackendToClient},
+	}
+	if _, err := s.objs.Pairings.BatchUpdate(keys, values, nil); err != nil {
+		return fmt.Errorf("write pairings: %w", err)
+	}
+	if err := s.objs.Sockets.Update(p.ClientCookie, uint64(p.ClientFD), ebpf.UpdateAny); err != nil {
+		s.unpair(p)
+		return fmt.Errorf("insert client socket into sockhash: %w", err)
+	}
+	if err := s.objs.Sockets.Update(p.BackendCookie, uint64(p.BackendFD), ebpf.UpdateAny); err != nil {
+		_ = s.objs.Sockets.Delete(p.ClientCookie)
+		s.unpair(p)
+		return fmt.Errorf("insert backend socket into sockhash: %w", err)
+	}
+	return nil
+}
+
+// Unpair removes the pairing entries. The sockets leave the sockhash by
+// themselves when they close.
+func (s *Sockmap) Unpair(p Pair) error {
+	return s.unpair(p)
+}
+
+func (s *Sockmap) unpair(p Pair) error {
+	if _, err := s.objs.Pairings.BatchDelete([]uint64{p.ClientCookie, p.BackendCookie}, nil); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete pairings: %w", err)
+	}
+	return nil
+}
+
+// Stats are the data plane's counters, summed over CPUs.
+type Stats struct {
+	Verdicts map[string]uint64
+	Sockets  int
+	Pairings int
+}
+
+// Stats reads the verdict counters and the entry counts.
+func (s *Sockmap) Stats() (Stats, error) {
+	st := Stats{Verdicts: map[string]uint64{}}
+	for i, name := range VerdictReasons {
+		var perCPU []uint64
+		if err := s.objs.Verdicts.Lookup(uint32(i), &perCPU); err != nil {
+			return st, fmt.Errorf("read verdict counter %s: %w", name, err)
+		}
+		st.Verdicts[name] = sum(perCPU)
+	}
+	var err error
+	if st.Sockets, err = countKeys(s.objs.Sockets); err != nil {
+		return st, fmt.Errorf("count sockhash entries: %w", err)
+	}
+	if st.Pairings, err = countKeys(s.objs.Pairings); err != nil {
+		return st, fmt.Errorf("count pairing entries: %w", err)
+	}
+	return st, nil
+}
+
+// BackendBytes returns the bytes redirected for backend index i, each way.
+func (s *Sockmap) BackendBytes(i uint32) (toBackend, toClient uint64, err error) {
+	var perCPU []uint64
+	if err := s.objs.BackendBytes.Lookup(i*2+ClientToBackend, &perCPU); err != nil {
+		return 0, 0, fmt.Errorf("read bytes of backend %d: %w", i, err)
+	}
+	toBackend = sum(perCPU)
+	if err := s.objs.BackendBytes.Lookup(i*2+BackendToClient, &perCPU); err != nil {
+		return 0, 0, fmt.Errorf("read bytes of backend %d: %w", i, err)
+	}
+	return toBackend, sum(perCPU), nil
+}
+
+func sum(values []uint64) uint64 {
+	var total uint64
+	for _, v := range values {
+		total += v
+	}
+	return total
+}
+
+func countKeys(m *ebpf.Map) (int, error) {
+	var key, next uint64
+	n := 0
+	err := m.NextKey(nil, &next)
+	for err == nil {
+		n++
+		key = next
+		err = m.NextKey(key, &next)
+	}
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return n, nil
+	}
+	return n, err
+}
+
+// CountPinned opens the maps pinned under pinPath and counts sockhash and
+// pairing entries; tests and `edgeproxy status` use it from outside.
+func CountPinned(pinPath string) (sockets, pairings int, err error) {
+	for _, c := range []struct {
+		name string
+		n    *int
+	}{{"sockets", &sockets}, {"pairings", &pairings}} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, c.name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return 0, 0, fmt.Errorf("open pinned map %s: %w", c.name, err)
+		}
+		*c.n, err = countKeys(m)
+		m.Close()
+		if err != nil {
+			return 0, 0, fmt.Errorf("count %s entries: %w", c.name, err)
+		}
+	}
+	return sockets, pairings, nil
+}
+
+// ensureBPFFS mounts bpffs at dir when nothing is mounted there, as Cilium
+// does on minimal hosts.
+func ensureBPFFS(dir string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	// The pin path may sit below the mount point (e.g. /sys/fs/bpf/x/y).
+	for d := dir; d != "/" && d != "."; d = filepath.Dir(d) {
+		if err := unix.Statfs(d, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+			return nil
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create bpffs mount point %s: %w", dir, err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("bpffs is not mounted at %s and mounting it failed: %w (mount it with: mount -t bpf bpf %s)", dir, err, dir)
+	}
+	return nil
+}

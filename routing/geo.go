@@ -1,0 +1,267 @@
+package routing
+
+import (
+	"bytes"
+	"compress/gzip"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/oschwald/geoip2-golang/v2"
+	"github.com/oschwald/maxminddb-golang/v2"
+)
+
+// The embedded default: ip-location-db's geo-whois-asn-country (IPv4 and
+// IPv6, CC BY 4.0, see NOTICE), refreshed by scripts/geoip-update.sh. It is
+// stored compressed to keep the repository and binary small.
+var (
+	//go:embed geodata/geo-whois-asn-country.mmdb.gz
+	embeddedGeoGzip []byte
+	//go:embed geodata/VERSION
+	embeddedGeoVersion string
+)
+
+// EmbeddedGeoVersion is the npm package version of the embedded database.
+func EmbeddedGeoVersion() string { return strings.TrimSpace(embeddedGeoVersion) }
+
+// embeddedGeo decompresses the default database once, on first use, so a
+// proxy configured with its own file never pays for it. Every Geo opened on
+// it shares the bytes, which nothing writes.
+var embeddedGeo = sync.OnceValues(func() ([]byte, error) {
+	zr, err := gzip.NewReader(bytes.NewReader(embeddedGeoGzip))
+	if err != nil {
+		return nil, fmt.Errorf("decompress embedded geo database: %w", err)
+	}
+	data, err := io.ReadAll(zr)
+	if err != nil {
+		return nil, fmt.Errorf("decompress embedded geo database: %w", err)
+	}
+	return data, nil
+})
+
+// Geo maps client addresses to ISO 3166-1 alpha-2 country codes. Country is
+// safe for concurrent use.
+type Geo struct {
+	kind string
+	// Exactly one reader is set: geoip2 for the MaxMind database types it
+	// knows, maxminddb for the rest, read at recordPath.
+	maxmind    *geoip2.Reader
+	mmdb       *maxminddb.Reader
+	recordPath []any
+}
+
+// Record layouts OpenGeo understands, by where the country code sits.
+var (
+	maxmindCountryPath      = []any{"country", "iso_code"} // GeoIP2/GeoLite2 Country and City
+	ipLocationDBCountryPath = []any{"country_code"}        // ip-location-db *-country
+)
+
+// OpenGeo opens the .mmdb file at path, or the embedded default when path is
+// "". The format comes from the file itself: a MaxMind database type that
+// carries countries (GeoLite2/GeoIP2 Country, City, Enterprise and their
+// DB-IP equivalents) is read through geoip2; any other type is read by the
+// field its records hold, country.iso_code or ip-location-db's country_code.
+//
+// The file is read into memory rather than memory-mapped: copying a new
+// database over the old one in place would otherwise pull pages out from
+// under live lookups (SIGBUS).
+func OpenGeo(path string) (*Geo, error) {
+	if path == "" {
+		data, err := embeddedGeo()
+		if err != nil {
+			return nil, err
+		}
+		g, err := openGeoBytes(data)
+		if err != nil {
+			return nil, fmt.Errorf("open embedded geo database: %w", err)
+		}
+		g.kind = "embedded geo-whois-asn-country " + EmbeddedGeoVersion()
+		return g, nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("open geo database: %w", err)
+	}
+	g, err := openGeoBytes(data)
+	if err != nil {
+		return nil, fmt.Errorf("open geo database %s: %w", path, err)
+	}
+	return g, nil
+}
+
+func openGeoBytes(data []byte) (*Geo, error) {
+	mm, err := geoip2.OpenBytes(data)
+	var unknownType geoip2.UnknownDatabaseTypeError
+	switch {
+	case err == nil:
+		// geoip2 also knows types with no country (ASN, ISP, ...).
+		if _, err := mm.Country(netip.IPv4Unspecified()); errors.As(err, new(geoip2.InvalidMethodError)) {
+			mm.Close()
+			return nil, fmt.Errorf("database type %q has no country data", mm.Metadata().DatabaseType)
+		}
+		return &Geo{kind: "maxmind " + mm.Metadata().DatabaseType, maxmind: mm}, nil
+	case errors.As(err, &unknownType):
+		mm.Close()
+	default:
+		return nil, err
+	}
+
+	r, err := maxminddb.OpenBytes(data)
+	if err != nil {
+		return nil, err
+	}
+	path, format, err := detectRecordPath(r)
+	if err != nil {
+		r.Close()
+		return nil, fmt.Errorf("database type %q: %w", r.Metadata.DatabaseType, err)
+	}
+	return &Geo{kind: format + " " + r.Metadata.DatabaseType, mmdb: r, recordPath: path}, nil
+}
+
+// detectRecordPath looks at the first record for a known country field. The
+// metadata's database_type is free text outside MaxMind's own names
+// (ip-location-db writes "country ipvAll"), so the records are the reliable
+// witness.
+func detectRecordPath(r *maxminddb.Reader) ([]any, string, error) {
+	for res := range r.Networks() {
+		var rec map[string]any
+		if err := res.Decode(&rec); err != nil {
+			return nil, "", fmt.Errorf("decode first record: %w", err)
+		}
+		if _, ok := rec["country_code"].(string); ok {
+			return ipLocationDBCountryPath, "ip-location-db", nil
+		}
+		if c, ok := rec["country"].(map[string]any); ok {
+			if _, ok := c["iso_code"].(string); ok {
+				return maxmindCountryPath, "maxmind-compatible", nil
+			}
+		}
+		return nil, "", errors.New("records have neither country.iso_code nor country_code")
+	}
+	return nil, "", errors.New("no records")
+}
+
+// Country returns the client's ISO country code (upper-case), or "" when the
+// database does not know the address. IPv4-mapped IPv6 is looked up as IPv4.
+// For MaxMind data, an address with no country record (anycast, satellite)
+// falls back to its registered country, which is still a better hint than
+// none.
+func (g *Geo) Country(addr netip.Addr) string {
+	if !addr.IsValid() {
+		return ""
+	}
+	addr = addr.Unmap()
+	var cc string
+	if g.maxmind != nil {
+		rec, err := g.maxmind.Country(addr)
+		if err != nil {
+			return ""
+		}
+		cc = rec.Country.ISOCode
+		if cc == "" {
+			cc = rec.RegisteredCountry.ISOCode
+		}
+	} else if err := g.mmdb.Lookup(addr).DecodePath(&cc, g.recordPath...); err != nil {
+		return ""
+	}
+	return strings.ToUpper(cc)
+}
+
+// Kind names the database for logs, e.g. "embedded geo-whois-asn-country
+// 2.3.2026061719", "maxmind GeoLite2-Country", "ip-location-db country
+// ipvAll".
+func (g *Geo) Kind() string { return g.kind }
+
+// Close releases the database. It must not run concurrently with Country;
+// GeoSource therefore never closes a Geo it has handed out.
+func (g *Geo) Close() error {
+	if g.maxmind != nil {
+		return g.maxmind.Close()
+	}
+	return g.mmdb.Close()
+}
+
+// GeoSource is a Geo that follows its file: Refresh reopens it when it
+// changed on disk, so replacing the database takes effect without a restart.
+type GeoSource struct {
+	path string
+	cur  atomic.Pointer[Geo]
+
+	refreshing sync.Mutex
+	// seen is the file state of the last open attempt, good or bad, so an
+	// unchanged file is neither reopened nor re-reported.
+	seen fileState
+}
+
+type fileState struct {
+	info os.FileInfo
+	err  error // from stat
+}
+
+func (a fileState) equal(b fileState) bool {
+	if (a.err == nil) != (b.err == nil) || (a.err != nil && a.err.Error() != b.err.Error()) {
+		return false
+	}
+	if (a.info == nil) != (b.info == nil) {
+		return false
+	}
+	return a.info == nil || sameContent(a.info, b.info)
+}
+
+func statFile(path string) fileState {
+	fi, err := os.Stat(path)
+	return fileState{info: fi, err: err}
+}
+
+// NewGeoSource opens path ("" for the embedded database); the first open
+// must succeed.
+func NewGeoSource(path string) (*GeoSource, error) {
+	s := &GeoSource{path: path}
+	if path != "" {
+		s.seen = statFile(path)
+	}
+	g, err := OpenGeo(path)
+	if err != nil {
+		return nil, err
+	}
+	s.cur.Store(g)
+	return s, nil
+}
+
+// Current is the database to look up with.
+func (s *GeoSource) Current() *Geo { return s.cur.Load() }
+
+// Refresh reopens the file if its identity, size or mtime changed since the
+// last attempt; the proxy calls it periodically and on SIGHUP. A file that
+// fails to open (missing, half-written, not an mmdb) leaves the current
+// database in place and is reported once, until the file changes again.
+// The embedded database never changes.
+func (s *GeoSource) Refresh() (changed bool, err error) {
+	if s.path == "" {
+		return false, nil
+	}
+	s.refreshing.Lock()
+	defer s.refreshing.Unlock()
+
+	st := statFile(s.path)
+	if st.equal(s.seen) {
+		return false, nil
+	}
+	s.seen = st
+	if st.err != nil {
+		return false, fmt.Errorf("refresh geo database: %w", st.err)
+	}
+	g, err := OpenGeo(s.path)
+	if err != nil {
+		return false, fmt.Errorf("refresh: %w", err)
+	}
+	// The old Geo is heap-backed and may still be in use: let the GC have it.
+	s.cur.Store(g)
+	return true, nil
+}

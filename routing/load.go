@@ -1,0 +1,388 @@
+package routing
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"math"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
+)
+
+// RowError names one value of one row that failed validation. The row is
+// skipped; the rest of the table loads.
+type RowError struct{ Table, ID, Column, Value, Reason string }
+
+func (e RowError) Error() string {
+	return fmt.Sprintf("%s row %q: column %s: value %q: %s", e.Table, e.ID, e.Column, e.Value, e.Reason)
+}
+
+// loadTimeout bounds one read of routing.db, busy waits included, so a
+// wedged writer cannot stall a reload forever.
+const loadTimeout = 10 * time.Second
+
+// LoadTable reads routing.db read-only and validates every row.
+//
+// It accepts the contract's 11-column backends table and the seed's older
+// 10-column one without `country`, telling them apart with PRAGMA
+// table_info; an optional regions(country, region) table overrides the
+// built-in country -> region map. Both are read in one transaction, so they
+// come from the same committed state.
+//
+// Bad rows are skipped and returned as RowErrors. NULLs read as the safe or
+// neutral value: healthy NULL is unhealthy (traffic goes only where someone
+// said it may), deleted NULL is not deleted (the seed's rule), weight,
+// soft_limit and hard_limit NULL are 0 (meaning 1, 1 and no limit), and app,
+// region and country NULL are "". id, wg_ip and port have no neutral value,
+// so NULL there is a RowError. Integer columns also accept integral reals and
+// numeric text; healthy and deleted follow SQLite's truth rule (non-zero is
+// true).
+//
+// A missing file, a file that is not SQLite, or a database with no backends
+// table is an error. The file is never created or written.
+func LoadTable(path string) (*Table, []RowError, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
+	defer cancel()
+	db, err := openReadOnly(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer db.Close()
+	return loadTable(ctx, db, path)
+}
+
+// sqliteDriver is modernc.org/sqlite's database/sql driver name.
+const sqliteDriver = "sqlite"
+
+// openReadOnly opens path through a "file:" URI with mode=ro: only the URI
+// form makes SQLite honor mode=ro, and without it a missing file would be
+// created empty. A busy timeout lets a read wait out a writer's commit.
+func openReadOnly(path string) (*sql.DB, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("open routing db: %w", err)
+	}
+	db, err := sql.Open(sqliteDriver, readOnlyURI(path))
+	if err != nil {
+		return nil, fmt.Errorf("open routing db %s: %w", path, err)
+	}
+	db.SetMaxOpenConns(1)
+	return db, nil
+}
+
+// uriPathEscaper escapes what SQLite's URI parser would otherwise read as a
+// query, a fragment or an escape inside the path.
+var uriPathEscaper = strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23")
+
+func readOnlyURI(path string) string {
+	// Clean turns a leading "//" into "/", which SQLite would otherwise take
+	// for the start of a URI authority.
+	return "file:" + uriPathEscaper.Replace(filepath.Clean(path)) + "?mode=ro&_pragma=busy_timeout(2000)"
+}
+
+// backendColumns is the contract's column order; country is the one column
+// the seed's older table lacks.
+var backendColumns = []string{
+	"id", "app", "region", "country", "wg_ip", "port",
+	"healthy", "weight", "soft_limit", "hard_limit", "deleted",
+}
+
+const optionalBackendColumn = "country"
+
+func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError, error) {
+	tx, err := db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+	}
+	defer tx.Rollback() //nolint:errcheck // read-only: nothing to lose
+
+	cols, err := tableColumns(ctx, tx, "backends")
+	if err != nil {
+		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+	}
+	if len(cols) == 0 {
+		return nil, nil, fmt.Errorf("read routing db %s: no backends table", path)
+	}
+	selects := make([]string, len(backendColumns))
+	for i, c := range backendColumns {
+		declared, ok := cols[c]
+		switch {
+		case ok:
+			selects[i] = quoteIdent(declared)
+		case c == optionalBackendColumn:
+			selects[i] = "NULL"
+		default:
+			return nil, nil, fmt.Errorf("read routing db %s: backends table has no column %s", path, c)
+		}
+	}
+
+	rows, err := tx.QueryContext(ctx, "SELECT "+strings.Join(selects, ", ")+" FROM backends")
+	if err != nil {
+		return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
+	}
+	var (
+		backends []Backend
+		deleted  []string
+		rowErrs  []RowError
+	)
+	vals := make([]any, len(backendColumns))
+	ptrs := make([]any, len(vals))
+	for i := range vals {
+		ptrs[i] = &vals[i]
+	}
+	for rows.Next() {
+		if err := rows.Scan(ptrs...); err != nil {
+			rows.Close()
+			return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
+		}
+		b, isDeleted, errs := parseBackend(vals)
+		switch {
+		case len(errs) > 0:
+			rowErrs = append(rowErrs, errs...)
+		case isDeleted:
+			deleted = append(deleted, b.ID)
+		default:
+			backends = append(backends, b)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
+	}
+	rows.Close()
+	backends, dupErrs := dropDuplicates(backends)
+	rowErrs = append(rowErrs, dupErrs...)
+
+	overrides, regionErrs, err := loadRegions(ctx, tx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read routing db %s: regions: %w", path, err)
+	}
+	rowErrs = append(rowErrs, regionErrs...)
+
+	t, err := NewTable(backends, deleted, overrides)
+	if err != nil {
+		// dropDuplicates and parseBackend leave nothing NewTable refuses.
+		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+	}
+	return t, rowErrs, nil
+}
+
+// tableColumns maps each lower-cased column name of table to its declared
+// spelling; an absent table has no columns. A file that is not SQLite fails
+// here, on the first read.
+func tableColumns(ctx context.Context, tx *sql.Tx, table string) (map[string]string, error) {
+	rows, err := tx.QueryContext(ctx, "SELECT name FROM pragma_table_info(?)", table)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	cols := make(map[string]string)
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, err
+		}
+		cols[strings.ToLower(name)] = name
+	}
+	return cols, rows.Err()
+}
+
+func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+
+// parseBackend validates one row in backendColumns order. Every bad column
+// is reported, not just the first, so one pass over the errors fixes the row.
+// A deleted row is only checked for its id: it routes nothing, so its other
+// columns may be stale.
+func parseBackend(vals []any) (b Backend, isDeleted bool, errs []RowError) {
+	b.ID = text(vals[0])
+	bad := func(col string, v any, reason string) {
+		errs = append(errs, RowError{Table: "backends", ID: b.ID, Column: col, Value: valueText(v), Reason: reason})
+	}
+	if strings.TrimSpace(b.ID) == "" {
+		bad("id", vals[0], "must not be empty")
+		return b, false, errs
+	}
+	del, ok := truth(vals[10])
+	if !ok {
+		bad("deleted", vals[10], "must be an integer")
+		return b, false, errs
+	}
+	if del {
+		return b, true, nil
+	}
+
+	b.App = text(vals[1])
+	b.Region = text(vals[2])
+	b.Country = text(vals[3])
+
+	if addr, err := netip.ParseAddr(strings.TrimSpace(text(vals[4]))); err != nil {
+		bad("wg_ip", vals[4], "must be an IP address")
+	} else {
+		b.Addr = addr.Unmap()
+	}
+	if port, ok := integer(vals[5]); !ok || port < 1 || port > math.MaxUint16 {
+		bad("port", vals[5], "must be 1-65535")
+	} else {
+		b.Port = uint16(port)
+	}
+	if vals[6] != nil {
+		if b.Healthy, ok = truth(vals[6]); !ok {
+			bad("healthy", vals[6], "must be an integer")
+		}
+	}
+	limit := func(col string, v any) int {
+		if v == nil {
+			return 0
+		}
+		n, ok := integer(v)
+		switch {
+		case !ok:
+			bad(col, v, "must be an integer")
+		case n < 0:
+			bad(col, v, "must not be negative")
+		}
+		return int(n)
+	}
+	b.Weight = limit("weight", vals[7])
+	b.SoftLimit = limit("soft_limit", vals[8])
+	b.HardLimit = limit("hard_limit", vals[9])
+	if b.SoftLimit > 0 && b.HardLimit > 0 && b.SoftLimit > b.HardLimit {
+		bad("soft_limit", vals[8], fmt.Sprintf("must not exceed hard_limit %d", b.HardLimit))
+	}
+	return b, false, errs
+}
+
+// dropDuplicates skips every row of an id that appears more than once: with
+// no PRIMARY KEY on id (the seed's table may lack one) SQLite allows it, and
+// no single copy can be chosen on merit.
+func dropDuplicates(bs []Backend) ([]Backend, []RowError) {
+	count := make(map[string]int, len(bs))
+	for _, b := range bs {
+		count[b.ID]++
+	}
+	var errs []RowError
+	kept := bs[:0]
+	for _, b := range bs {
+		if count[b.ID] > 1 {
+			errs = append(errs, RowError{Table: "backends", ID: b.ID, Column: "id", Value: b.ID,
+				Reason: fmt.Sprintf("duplicate id (%d rows): all skipped", count[b.ID])})
+			continue
+		}
+		kept = append(kept, b)
+	}
+	slices.SortFunc(errs, func(a, b RowError) int { return strings.Compare(a.ID, b.ID) })
+	return kept, errs
+}
+
+// loadRegions reads the optional regions table. Its absence is not an error:
+// the built-in map then applies alone.
+func loadRegions(ctx context.Context, tx *sql.Tx) (map[string]string, []RowError, error) {
+	cols, err := tableColumns(ctx, tx, "regions")
+	if err != nil || len(cols) == 0 {
+		return nil, nil, err
+	}
+	for _, c := range []string{"country", "region"} {
+		if _, ok := cols[c]; !ok {
+			return nil, nil, fmt.Errorf("regions table has no column %s", c)
+		}
+	}
+	rows, err := tx.QueryContext(ctx, "SELECT "+quoteIdent(cols["country"])+", "+quoteIdent(cols["region"])+" FROM regions")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer rows.Close()
+	overrides := make(map[string]string)
+	var errs []RowError
+	for rows.Next() {
+		var country, region any
+		if err := rows.Scan(&country, &region); err != nil {
+			return nil, nil, err
+		}
+		c, r := normalizeCountry(text(country)), normalizeRegion(text(region))
+		switch {
+		case c == "":
+			errs = append(errs, RowError{Table: "regions", ID: c, Column: "country", Value: valueText(country), Reason: "must not be empty"})
+		case r == "":
+			errs = append(errs, RowError{Table: "regions", ID: c, Column: "region", Value: valueText(region), Reason: "must not be empty"})
+		default:
+			overrides[c] = r
+		}
+	}
+	return overrides, errs, rows.Err()
+}
+
+// text reads a TEXT-ish column; NULL is "".
+func text(v any) string {
+	switch v := v.(type) {
+	case nil:
+		return ""
+	case string:
+		return v
+	case []byte:
+		return string(v)
+	}
+	return valueText(v)
+}
+
+// valueText shows a value as the sqlite3 shell would, for RowError.Value.
+func valueText(v any) string {
+	switch v := v.(type) {
+	case nil:
+		return "NULL"
+	case string:
+		return v
+	case []byte:
+		return string(v)
+	case int64:
+		return strconv.FormatInt(v, 10)
+	case float64:
+		return strconv.FormatFloat(v, 'g', -1, 64)
+	case bool:
+		if v {
+			return "1"
+		}
+		return "0"
+	}
+	return fmt.Sprint(v)
+}
+
+// integer reads an INTEGER column the way a person writing the row meant
+// it: 8080, 8080.0 and '8080' are all 8080; 80.5 and 'http' are not integers.
+func integer(v any) (int64, bool) {
+	switch v := v.(type) {
+	case int64:
+		return v, true
+	case float64:
+		if v != math.Trunc(v) || v < math.MinInt64 || v >= math.MaxInt64 {
+			return 0, false
+		}
+		return int64(v), true
+	case bool:
+		if v {
+			return 1, true
+		}
+		return 0, true
+	case string:
+		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		return n, err == nil
+	case []byte:
+		n, err := strconv.ParseInt(strings.TrimSpace(string(v)), 10, 64)
+		return n, err == nil
+	}
+	return 0, false
+}
+
+// truth reads a boolean column with SQLite's rule: non-zero is true. NULL is
+// false; callers that want another default check for nil first.
+func truth(v any) (bool, bool) {
+	if v == nil {
+		return false, true
+	}
+	n, ok := integer(v)
+	return n != 0, ok
+}

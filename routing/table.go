@@ -1,0 +1,307 @@
+package routing
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Backend is one validated row of the backends table.
+//
+// Country is stored upper-case and Region lower-case, so that tables loaded
+// from differently typed rows compare and print alike.
+type Backend struct {
+	ID, App, Region, Country string
+	Addr                     netip.Addr // wg_ip; IPv4 or IPv6, IPv4-mapped IPv6 unmapped
+	Port                     uint16
+	Healthy                  bool
+	Weight                   int
+	SoftLimit                int
+	HardLimit                int // 0: no limit
+}
+
+// AddrPort is the address the proxy dials.
+func (b *Backend) AddrPort() netip.AddrPort { return netip.AddrPortFrom(b.Addr, b.Port) }
+
+// Table is an immutable routing snapshot. Never mutate it after LoadTable or
+// NewTable returns: the proxy reads it from many goroutines without locks.
+type Table struct {
+	Backends []Backend         // sorted by ID (byte order); rows with deleted=1 are not included
+	Deleted  []string          // ids of rows with deleted=1, sorted, for explanations
+	Regions  map[string]string // upper-case country -> region: built-in map overlaid by the regions table
+	Version  uint64            // hash of the content above: equal tables have equal versions
+	LoadedAt time.Time
+
+	// prep is what Pick needs in a cache-friendly shape, built once so the
+	// hot path neither lower-cases strings nor converts integers.
+	prep *prepared
+}
+
+// DefaultRegion is the region of any country the region map does not name.
+const DefaultRegion = "us"
+
+// builtinRegions is the seed's country -> region map.
+var builtinRegions = func() map[string]string {
+	m := make(map[string]string)
+	for region, countries := range map[string]string{
+		"sa": "BR AR CL PE CO UY PY BO EC",
+		"us": "US CA MX",
+		"eu": "PT ES FR DE NL IT GB IE BE CH AT PL CZ SE NO DK FI",
+		"ap": "JP KR TW HK SG MY TH VN ID PH AU NZ",
+	} {
+		for _, c := range strings.Fields(countries) {
+			m[c] = region
+		}
+	}
+	return m
+}()
+
+// BuiltinRegions returns a copy of the built-in country -> region map.
+func BuiltinRegions() map[string]string {
+	m := make(map[string]string, len(builtinRegions))
+	for c, r := range builtinRegions {
+		m[c] = r
+	}
+	return m
+}
+
+// RegionOf maps a country code (any case) to its region. An unknown country
+// is in DefaultRegion, as in the seed; an empty country has no region, which
+// leaves the client to the local POP rule.
+func (t *Table) RegionOf(country string) string {
+	if country == "" {
+		return ""
+	}
+	regions := builtinRegions
+	if t != nil && t.Regions != nil {
+		regions = t.Regions
+	}
+	if r, ok := regions[strings.ToUpper(country)]; ok {
+		return r
+	}
+	return DefaultRegion
+}
+
+// Index returns the position of the backend with this id in t.Backends, or
+// -1 when absent.
+func (t *Table) Index(id string) int {
+	if t == nil {
+		return -1
+	}
+	// A hand-written binary search: sort.Search's closure would cost an
+	// allocation on the Pick path.
+	lo, hi := 0, len(t.Backends)
+	for lo < hi {
+		mid := int(uint(lo+hi) >> 1)
+		if t.Backends[mid].ID < id {
+			lo = mid + 1
+		} else {
+			hi = mid
+		}
+	}
+	if lo < len(t.Backends) && t.Backends[lo].ID == id {
+		return lo
+	}
+	return -1
+}
+
+// NewTable builds a Table from backends that are already valid (LoadTable's
+// validation is not repeated). It copies its inputs, sorts backends by ID,
+// normalizes the case of countries and regions, overlays regionOverrides
+// (country -> region) on the built-in map, and computes Version. Tests and
+// tools use it to route without a database.
+func NewTable(backends []Backend, deleted []string, regionOverrides map[string]string) (*Table, error) {
+	bs := slices.Clone(backends)
+	for i := range bs {
+		bs[i].Country = normalizeCountry(bs[i].Country)
+		bs[i].Region = normalizeRegion(bs[i].Region)
+		bs[i].Addr = bs[i].Addr.Unmap()
+	}
+	slices.SortFunc(bs, func(a, b Backend) int { return cmp.Compare(a.ID, b.ID) })
+	for i := range bs {
+		if bs[i].ID == "" {
+			return nil, fmt.Errorf("backend %d: empty id", i)
+		}
+		if i > 0 && bs[i].ID == bs[i-1].ID {
+			return nil, fmt.Errorf("backend %q: duplicate id", bs[i].ID)
+		}
+	}
+	del := slices.Clone(deleted)
+	slices.Sort(del)
+	del = slices.Compact(del)
+
+	regions := BuiltinRegions()
+	for c, r := range regionOverrides {
+		regions[normalizeCountry(c)] = normalizeRegion(r)
+	}
+
+	t := &Table{
+		Backends: bs,
+		Deleted:  del,
+		Regions:  regions,
+		LoadedAt: time.Now(),
+	}
+	t.Version = t.contentHash()
+	t.prep = prepare(bs)
+	return t, nil
+}
+
+func normalizeCountry(s string) string { return strings.ToUpper(strings.TrimSpace(s)) }
+func normalizeRegion(s string) string  { return strings.ToLower(strings.TrimSpace(s)) }
+
+// contentHash is stable across processes and machines, so two POPs that
+// loaded the same database report the same routing version.
+func (t *Table) contentHash() uint64 {
+	h := sha256.New()
+	var num [8]byte
+	writeInt := func(v int64) {
+		binary.BigEndian.PutUint64(num[:], uint64(v))
+		h.Write(num[:])
+	}
+	// Length-prefixed, so ("ab","c") and ("a","bc") differ.
+	writeString := func(s string) {
+		writeInt(int64(len(s)))
+		h.Write([]byte(s))
+	}
+	writeBool := func(v bool) {
+		if v {
+			writeInt(1)
+		} else {
+			writeInt(0)
+		}
+	}
+
+	writeInt(int64(len(t.Backends)))
+	for _, b := range t.Backends {
+		writeString(b.ID)
+		writeString(b.App)
+		writeString(b.Region)
+		writeString(b.Country)
+		writeString(b.Addr.String())
+		writeInt(int64(b.Port))
+		writeBool(b.Healthy)
+		writeInt(int64(b.Weight))
+		writeInt(int64(b.SoftLimit))
+		writeInt(int64(b.HardLimit))
+	}
+	writeInt(int64(len(t.Deleted)))
+	for _, id := range t.Deleted {
+		writeString(id)
+	}
+	countries := make([]string, 0, len(t.Regions))
+	for c := range t.Regions {
+		countries = append(countries, c)
+	}
+	slices.Sort(countries)
+	writeInt(int64(len(countries)))
+	for _, c := range countries {
+		writeString(c)
+		writeString(t.Regions[c])
+	}
+	return binary.BigEndian.Uint64(h.Sum(nil))
+}
+
+// prepared is the scoring view of a Table: one dense row per backend, with
+// countries and regions replaced by small integer keys, so Pick compares
+// integers instead of case-folding strings per backend.
+type prepared struct {
+	rows []scoreRow
+	// keys maps a lower-cased country or region name to its key (>= 1).
+	// Countries and regions share the namespace: they are never compared
+	// with each other, only country with country and region with region.
+	keys map[string]int32
+}
+
+// Keys: a backend's empty country or region is emptyKey, and a client value
+// that is empty or appears in no backend is noKey, so neither ever matches.
+const (
+	emptyKey int32 = 0
+	noKey    int32 = -1
+)
+
+type scoreRow struct {
+	country, region int32
+	hardLimit       int
+	// soft and weight are effective (0 counts as 1) and already converted,
+	// exactly as float64(int) would convert them in the formula.
+	soft, weight float64
+	healthy      bool
+}
+
+func prepare(bs []Backend) *prepared {
+	p := &prepared{rows: make([]scoreRow, len(bs)), keys: make(map[string]int32)}
+	intern := func(s string) int32 {
+		if s == "" {
+			return emptyKey
+		}
+		s = strings.ToLower(s)
+		k, ok := p.keys[s]
+		if !ok {
+			k = int32(len(p.keys) + 1)
+			p.keys[s] = k
+		}
+		return k
+	}
+	for i := range bs {
+		b := &bs[i]
+		p.rows[i] = scoreRow{
+			country:   intern(b.Country),
+			region:    intern(b.Region),
+			hardLimit: b.HardLimit,
+			soft:      float64(max(b.SoftLimit, 1)),
+			weight:    float64(max(b.Weight, 1)),
+			healthy:   b.Healthy,
+		}
+	}
+	return p
+}
+
+// prepared returns the scoring view; a Table assembled as a literal rather
+// than by LoadTable or NewTable gets one built on the spot.
+func (t *Table) prepared() *prepared {
+	if t.prep != nil && len(t.prep.rows) == len(t.Backends) {
+		return t.prep
+	}
+	return prepare(t.Backends)
+}
+
+// key finds s (any case) among the table's countries and regions without
+// allocating: the lower-cased copy lives on the stack, and a map index with
+// string(bytes) does not copy.
+func (p *prepared) key(s string) int32 {
+	if s == "" {
+		return noKey
+	}
+	var buf [64]byte
+	if len(s) > len(buf) {
+		return p.slowKey(s)
+	}
+	b := buf[:len(s)]
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 0x80:
+			// Non-ASCII: only strings.ToLower agrees with how keys were made.
+			return p.slowKey(s)
+		case 'A' <= c && c <= 'Z':
+			c += 'a' - 'A'
+		}
+		b[i] = c
+	}
+	if k, ok := p.keys[string(b)]; ok {
+		return k
+	}
+	return noKey
+}
+
+func (p *prepared) slowKey(s string) int32 {
+	if k, ok := p.keys[strings.ToLower(s)]; ok {
+		return k
+	}
+	return noKey
+}

@@ -1,0 +1,48 @@
+package userspace
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"time"
+)
+
+// Dataplane moves the bytes of accepted connections to their backends.
+type Dataplane interface {
+	// Name is "sockmap" or "splice".
+	Name() string
+	// Serve accepts on ln until ctx ends, then closes ln and every
+	// connection it still holds. Serve owns ln and every connection it
+	// accepts: nothing else touches them.
+	Serve(ctx context.Context, ln *net.TCPListener) error
+	// Stats reports the plane's own counters for metrics and tests.
+	Stats() PlaneStats
+}
+
+// PlaneStats are counters every data plane keeps.
+type PlaneStats struct {
+	Active   int               // client connections currently held
+	Verdicts map[string]uint64 // sockmap only: verdict counts by reason
+	Sockets  int               // sockmap only: sockhash entries
+	Pairings int               // sockmap only: pairing entries
+}
+
+// planeEnv is what both planes share: the decision, the dial timeout, the
+// logger and the close hook.
+type planeEnv struct {
+	balancer       *Balancer
+	connectTimeout time.Duration
+	log            *slog.Logger
+	// onClose is called once per finished connection with its summary.
+	onClose func(ConnSummary)
+}
+
+// ConnSummary describes one finished connection for logs and metrics.
+type ConnSummary struct {
+	Client   string
+	Backend  string
+	BytesIn  uint64 // client to backend
+	BytesOut uint64 // backend to client
+	Duration time.Duration
+	End      string // "closed", "reset", "connect_failed", "shutdown"
+}

@@ -1,0 +1,641 @@
+//go:build linux
+
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/edgeproxy/edgeproxy/loader"
+	"golang.org/x/sys/unix"
+)
+
+// sockmapPlane splices each connection inside the kernel: the verdict
+// program redirects every skb a socket receives to its peer's send path.
+// One goroutine runs an epoll loop for all connections, from accept to
+// close; no goroutine is parked per connection and no payload is copied
+// through userspace except bytes that arrive before a direction is armed
+// or while it is paused for backpressure.
+type sockmapPlane struct {
+	env  planeEnv
+	maps *loader.Sockmap
+
+	// pauseBacklog is how many redirected bytes may wait in a peer's psock
+	// queue (not yet in its socket send buffer) before the direction is
+	// paused: the kernel itself puts no bound on that queue.
+	pauseBacklog uint64
+	tick         time.Duration
+
+	epfd, wakefd, lnfd int
+	byFD               []*endpoint
+	conns              map[*smConn]struct{}
+	buf                []byte
+	active             atomic.Int64
+}
+
+// endpoint is one socket of a connection. Its receive side is the flow of
+// bytes it receives (forwarded to peer); its send side is what reaches it.
+type endpoint struct {
+	conn   *smConn
+	peer   *endpoint
+	fd     int
+	cookie uint64
+	state  *uint64 // flow word shared with the verdict: armed bit | byte count
+	// base is what TCP_INFO counts as sent before any payload: the SYN
+	// for the socket we connected, nothing for the accepted one.
+	base uint64
+
+	settled  uint64 // bytes received that are forwarded or redirected
+	armed    bool
+	paused   bool   // disarmed for backpressure: redirected bytes may still be queued
+	pending  []byte // read from this socket, not yet accepted by peer
+	lastSeen uint64 // count at the last backpressure check
+	eof      bool   // the remote sent FIN and every byte before it is counted
+	final    uint64 // count at EOF
+	shut     bool   // we sent FIN to this socket's remote
+	wantOut  bool   // EPOLLOUT registered because peer bytes wait for room
+}
+
+type smConn struct {
+	client, backend endpoint
+	lease           *Lease
+	clientAddr      netip.AddrPort
+	start           time.Time
+	deadline        time.Time // connect deadline
+	connecting      bool
+	paired          bool
+	watched         bool // re-examined on every tick
+}
+
+const (
+	epollIn      = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
+	maxAcceptRun = 256
+	readChunk    = 64 << 10
+)
+
+func newSockmapPlane(env planeEnv, maps *loader.Sockmap) *sockmapPlane {
+	return &sockmapPlane{
+		env:          env,
+		maps:         maps,
+		pauseBacklog: 4 << 20,
+		tick:         5 * time.Millisecond,
+		conns:        map[*smConn]struct{}{},
+		buf:          make([]byte, readChunk),
+	}
+}
+
+func (p *sockmapPlane) Name() string { return "sockmap" }
+
+func (p *sockmapPlane) Stats() PlaneStats {
+	st := PlaneStats{Active: int(p.active.Load())}
+	if ms, err := p.maps.Stats(); err == nil {
+		st.Verdicts, st.Sockets, st.Pairings = ms.Verdicts, ms.Sockets, ms.Pairings
+	}
+	return st
+}
+
+func (p *sockmapPlane) Serve(ctx context.Context, ln *net.TCPListener) error {
+	lnfd, err := dupListener(ln)
+	if err != nil {
+		return err
+	}
+	p.lnfd = lnfd
+	defer unix.Close(lnfd)
+	if p.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		return fmt.Errorf("create epoll: %w", err)
+	}
+	defer unix.Close(p.epfd)
+	if p.wakefd, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC); err != nil {
+		return fmt.Errorf("create eventfd: %w", err)
+	}
+	defer unix.Close(p.wakefd)
+	for _, fd := range []int{p.lnfd, p.wakefd} {
+		if err := p.epollCtl(unix.EPOLL_CTL_ADD, fd, unix.EPOLLIN); err != nil {
+			return err
+		}
+	}
+	stop := context.AfterFunc(ctx, func() {
+		_, _ = unix.Write(p.wakefd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+	})
+	defer stop()
+
+	events := make([]unix.EpollEvent, 256)
+	nextTick := time.Now().Add(p.tick)
+	for ctx.Err() == nil {
+		timeout := -1
+		if len(p.conns) > 0 {
+			timeout = max(int(time.Until(nextTick)/time.Millisecond), 0)
+		}
+		n, err := unix.EpollWait(p.epfd, events, timeout)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("epoll wait: %w", err)
+		}
+		for i := range max(n, 0) {
+			p.dispatch(int(events[i].Fd), events[i].Events)
+		}
+		if now := time.Now(); !now.Before(nextTick) {
+			p.onTick(now)
+			nextTick = now.Add(p.tick)
+		}
+	}
+	for c := range p.conns {
+		p.reset(c, "shutdown", "proxy stopping")
+	}
+	return nil
+}
+
+// dupListener takes the listening socket out of the Go runtime's poller so
+// this loop alone accepts on it.
+func dupListener(ln *net.TCPListener) (int, error) {
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("listener fd: %w", err)
+	}
+	fd := -1
+	var dupErr error
+	if err := raw.Control(func(s uintptr) {
+		fd, dupErr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, fmt.Errorf("listener fd: %w", err)
+	}
+	if dupErr != nil {
+		return -1, fmt.Errorf("dup listener: %w", dupErr)
+	}
+	ln.Close()
+	return fd, nil
+}
+
+func (p *sockmapPlane) epollCtl(op, fd int, events uint32) error {
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd)}
+	if err := unix.EpollCtl(p.epfd, op, fd, &ev); err != nil {
+		return fmt.Errorf("epoll ctl fd %d: %w", fd, err)
+	}
+	return nil
+}
+
+func (p *sockmapPlane) dispatch(fd int, events uint32) {
+	switch fd {
+	case p.lnfd:
+		p.acceptRun()
+		return
+	case p.wakefd:
+		var b [8]byte
+		_, _ = unix.Read(p.wakefd, b[:])
+		return
+	}
+	if fd >= len(p.byFD) || p.byFD[fd] == nil {
+		return
+	}
+	ep := p.byFD[fd]
+	c := ep.conn
+	if c.connecting {
+		p.finishConnect(c)
+		return
+	}
+	if events&unix.EPOLLERR != 0 {
+		if errno, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); errno != 0 {
+			p.reset(c, "reset", unix.Errno(errno).Error())
+			return
+		}
+	}
+	if events&unix.EPOLLOUT != 0 && !p.forward(ep.peer) {
+		return
+	}
+	if !p.forward(ep) {
+		return
+	}
+	p.settle(c)
+}
+
+func (p *sockmapPlane) acceptRun() {
+	for range maxAcceptRun {
+		fd, sa, err := unix.Accept4(p.lnfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		switch {
+		case err == nil:
+			p.startConn(fd, sa)
+		case errors.Is(err, unix.EAGAIN):
+			return
+		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
+			continue
+		default:
+			// EMFILE and the like: leave the rest queued in the backlog,
+			// the next tick or arrival retries.
+			p.env.log.Warn("accept failed", "err", err)
+			return
+		}
+	}
+}
+
+func (p *sockmapPlane) track(ep *endpoint) {
+	for ep.fd >= len(p.byFD) {
+		p.byFD = append(p.byFD, make([]*endpoint, len(p.byFD)+1024)...)
+	}
+	p.byFD[ep.fd] = ep
+}
+
+func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
+	client := sockaddrAddrPort(sa)
+	lease, reject := p.env.balancer.Acquire(client.Addr())
+	if lease == nil {
+		p.env.log.Debug("client rejected", "client", client, "reason", reject)
+		closeWithReset(cfd)
+		return
+	}
+	target := lease.Backend.AddrPort()
+	c := &smConn{lease: lease, clientAddr: client, start: time.Now(), connecting: true}
+	c.deadline = c.start.Add(p.env.connectTimeout)
+	c.client = endpoint{conn: c, fd: cfd}
+	c.backend = endpoint{conn: c, fd: -1, base: 1}
+	c.client.peer, c.backend.peer = &c.backend, &c.client
+	p.conns[c] = struct{}{}
+	p.active.Add(1)
+	p.track(&c.client)
+
+	family := unix.AF_INET6
+	if target.Addr().Is4() {
+		family = unix.AF_INET
+	}
+	bfd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		p.failConnect(c, fmt.Errorf("create backend socket: %w", err))
+		return
+	}
+	c.backend.fd = bfd
+	p.track(&c.backend)
+	// Small writes go out at once: the redirect path hands each skb to
+	// the peer's send path, and Nagle would hold a ping-pong's reply.
+	_ = unix.SetsockoptInt(cfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	_ = unix.SetsockoptInt(bfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	if err := unix.Connect(bfd, addrPortSockaddr(target)); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		p.failConnect(c, fmt.Errorf("connect: %w", err))
+		return
+	}
+	if err := p.epollCtl(unix.EPOLL_CTL_ADD, bfd, unix.EPOLLOUT|unix.EPOLLET); err != nil {
+		p.failConnect(c, err)
+		return
+	}
+	p.watch(c)
+}
+
+func (p *sockmapPlane) failConnect(c *smConn, err error) {
+	c.lease.state.connectErrs.Add(1)
+	p.env.log.Warn("dial backend failed", "client", c.clientAddr, "backend", c.lease.Backend.ID,
+		"addr", c.lease.Backend.AddrPort(), "err", err)
+	p.reset(c, "connect_failed", err.Error())
+}
+
+func (p *sockmapPlane) finishConnect(c *smConn) {
+	if errno, err := unix.GetsockoptInt(c.backend.fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || errno != 0 {
+		if err == nil {
+			err = unix.Errno(errno)
+		}
+		p.failConnect(c, fmt.Errorf("connect: %w", err))
+		return
+	}
+	c.connecting = false
+	if err := p.pair(c); err != nil {
+		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
+		p.reset(c, "pair_failed", err.Error())
+		return
+	}
+	p.forward(&c.client)
+	p.forward(&c.backend)
+	p.settle(c)
+}
+
+// pair puts both sockets into the sockhash, unarmed, then kicks each so
+// bytes that arrived before insertion (a client that spoke first, a
+// backend that greeted at once) run through the verdict now instead of
+// waiting for the next arrival.
+func (p *sockmapPlane) pair(c *smConn) error {
+	for _, ep := range []*endpoint{&c.client, &c.backend} {
+		cookie, err := unix.GetsockoptUint64(ep.fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+		if err != nil {
+			return fmt.Errorf("read socket cookie: %w", err)
+		}
+		ep.cookie = cookie
+		ep.state = p.maps.FlowState(ep.fd)
+	}
+	if err := p.maps.Pair(loader.Pair{
+		ClientFD: c.client.fd, BackendFD: c.backend.fd,
+		ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie,
+		Backend: c.lease.state.index,
+	}); err != nil {
+		return err
+	}
+	c.paired = true
+	if err := p.epollCtl(unix.EPOLL_CTL_MOD, c.backend.fd, epollIn); err != nil {
+		return err
+	}
+	if err := p.epollCtl(unix.EPOLL_CTL_ADD, c.client.fd, epollIn); err != nil {
+		return err
+	}
+	for _, ep := range []*endpoint{&c.client, &c.backend} {
+		if err := unix.SetsockoptInt(ep.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1); err != nil {
+			return fmt.Errorf("kick socket: %w", err)
+		}
+	}
+	return nil
+}
+
+// forward does userspace's share of moving src's bytes to its peer: it
+// writes what is pending, reads bytes the verdict passed while the
+// direction was unarmed, arms the direction once nothing is left, and
+// notices EOF. It returns false when the connection was torn down.
+func (p *sockmapPlane) forward(src *endpoint) bool {
+	c := src.conn
+	if !c.paired || src.eof {
+		return true
+	}
+	dst := src.peer
+	for {
+		if len(src.pending) > 0 {
+			n, err := unix.Write(dst.fd, src.pending)
+			if n > 0 {
+				src.pending = src.pending[n:]
+			}
+			if errors.Is(err, unix.EAGAIN) {
+				p.wantWritable(dst, true)
+				return true
+			}
+			if err != nil {
+				p.reset(c, "reset", "write pending to peer")
+				return false
+			}
+			continue
+		}
+		p.wantWritable(dst, false)
+		s := atomic.LoadUint64(src.state)
+		if s&loader.FlowArmed != 0 {
+			break
+		}
+		count := s & loader.FlowCountMask
+		if count == src.settled {
+			if atomic.CompareAndSwapUint64(src.state, s, s|loader.FlowArmed) {
+				src.armed = true
+				break
+			}
+			continue // the verdict counted more meanwhile
+		}
+		// Paused with redirected bytes still queued for dst: ours must
+		// not overtake them.
+		if src.paused {
+			if sent, err := sentTo(dst); err != nil || sent < src.settled {
+				p.watch(c)
+				return true
+			}
+			src.paused = false
+		}
+		want := min(count-src.settled, uint64(len(p.buf)))
+		n, err := unix.Read(src.fd, p.buf[:want])
+		if errors.Is(err, unix.EAGAIN) {
+			return true // counted but not queued yet: EPOLLIN follows
+		}
+		if err != nil || n == 0 {
+			p.reset(c, "reset", "read passed bytes")
+			return false
+		}
+		src.settled += uint64(n)
+		w, err := unix.Write(dst.fd, p.buf[:n])
+		if errors.Is(err, unix.EAGAIN) {
+			w, err = 0, nil
+		}
+		if err != nil {
+			p.reset(c, "reset", "write passed bytes")
+			return false
+		}
+		if w < n {
+			src.pending = append(src.pending[:0], p.buf[w:n]...)
+		}
+	}
+	return p.checkEOF(src)
+}
+
+// checkEOF looks for the remote's FIN on an armed socket. recv takes the
+// socket lock, so once it returns 0 the verdict has seen every byte that
+// came before the FIN and the count is final.
+func (p *sockmapPlane) checkEOF(src *endpoint) bool {
+	var b [1]byte
+	n, _, err := unix.Recvfrom(src.fd, b[:], unix.MSG_DONTWAIT|unix.MSG_PEEK)
+	switch {
+	case errors.Is(err, unix.EAGAIN):
+		return true
+	case err != nil:
+		p.reset(src.conn, "reset", "probe for EOF")
+		return false
+	case n == 0:
+		src.eof = true
+		src.final = atomic.LoadUint64(src.state) & loader.FlowCountMask
+		return true
+	}
+	// Bytes in the socket's own queue while armed: a redirect failed
+	// because the peer is gone.
+	if s := atomic.LoadUint64(src.state); s&loader.FlowArmed != 0 {
+		p.reset(src.conn, "reset", "bytes left after redirect failed")
+		return false
+	}
+	return true
+}
+
+// settle propagates FINs whose bytes have all reached the peer's send
+// queue, and closes the connection once both directions are done.
+func (p *sockmapPlane) settle(c *smConn) {
+	waiting := false
+	for _, src := range []*endpoint{&c.client, &c.backend} {
+		dst := src.peer
+		if !src.eof || dst.shut {
+			continue
+		}
+		sent, err := sentTo(dst)
+		if err != nil {
+			p.reset(c, "reset", "read peer send queue")
+			return
+		}
+		if sent < src.final || len(src.pending) > 0 {
+			waiting = true
+			continue
+		}
+		if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil {
+			p.reset(c, "reset", "half-close peer")
+			return
+		}
+		dst.shut = true
+	}
+	if c.client.shut && c.backend.shut {
+		p.finish(c, "closed")
+		return
+	}
+	if waiting {
+		p.watch(c)
+	}
+}
+
+// sentTo is how many payload bytes have entered ep's send queue, counted
+// by sequence numbers: acknowledged plus still queued, minus the SYN.
+func sentTo(ep *endpoint) (uint64, error) {
+	info, err := unix.GetsockoptTCPInfo(ep.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, fmt.Errorf("tcp info: %w", err)
+	}
+	outq, err := unix.IoctlGetInt(ep.fd, unix.SIOCOUTQ)
+	if err != nil {
+		return 0, fmt.Errorf("outq: %w", err)
+	}
+	return info.Bytes_acked + uint64(outq) - ep.base, nil
+}
+
+func (p *sockmapPlane) wantWritable(ep *endpoint, want bool) {
+	if ep.wantOut == want {
+		return
+	}
+	ev := uint32(epollIn)
+	if want {
+		ev |= unix.EPOLLOUT
+	}
+	if err := p.epollCtl(unix.EPOLL_CTL_MOD, ep.fd, ev); err == nil {
+		ep.wantOut = want
+	}
+}
+
+func (p *sockmapPlane) watch(c *smConn) { c.watched = true }
+
+// onTick handles what epoll cannot tell: connect deadlines, redirected
+// bytes draining into a peer (FIN and resume wait on it), and backlog
+// growth behind a slow receiver.
+func (p *sockmapPlane) onTick(now time.Time) {
+	for c := range p.conns {
+		if c.connecting {
+			if now.After(c.deadline) {
+				p.failConnect(c, fmt.Errorf("connect: timed out after %s", p.env.connectTimeout))
+			}
+			continue
+		}
+		if c.watched {
+			c.watched = false
+			if !p.forward(&c.client) || !p.forward(&c.backend) {
+				continue
+			}
+			p.settle(c)
+			if _, alive := p.conns[c]; !alive {
+				continue
+			}
+		}
+		p.checkBacklog(&c.client)
+		p.checkBacklog(&c.backend)
+	}
+}
+
+// checkBacklog pauses an armed direction whose redirected bytes pile up
+// in the peer's psock queue: the kernel bounds neither that queue nor the
+// sender, so a slow receiver would otherwise grow kernel memory without
+// limit. Paused, the verdict passes bytes to the socket's own queue, which
+// its receive buffer bounds and TCP flow control throttles.
+func (p *sockmapPlane) checkBacklog(src *endpoint) {
+	if !src.armed || src.eof {
+		return
+	}
+	s := atomic.LoadUint64(src.state)
+	count := s & loader.FlowCountMask
+	if count == src.lastSeen {
+		return
+	}
+	src.lastSeen = count
+	sent, err := sentTo(src.peer)
+	if err != nil || sent > count || count-sent < p.pauseBacklog {
+		return
+	}
+	for s&loader.FlowArmed != 0 {
+		if atomic.CompareAndSwapUint64(src.state, s, s&^loader.FlowArmed) {
+			src.armed, src.paused = false, true
+			src.settled = s & loader.FlowCountMask
+			p.watch(src.conn)
+			return
+		}
+		s = atomic.LoadUint64(src.state)
+	}
+}
+
+// finish ends a connection whose directions both completed.
+func (p *sockmapPlane) finish(c *smConn, how string) {
+	p.teardown(c, false, how)
+}
+
+// reset ends a connection at once; both remotes see RST.
+func (p *sockmapPlane) reset(c *smConn, how, cause string) {
+	if _, ok := p.conns[c]; ok {
+		p.env.log.Debug("connection aborted", "client", c.clientAddr, "backend", c.lease.Backend.ID, "cause", cause)
+	}
+	p.teardown(c, true, how)
+}
+
+func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
+	if _, ok := p.conns[c]; !ok {
+		return
+	}
+	delete(p.conns, c)
+	p.active.Add(-1)
+	if c.paired {
+		if err := p.maps.Unpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie}); err != nil {
+			p.env.log.Error("unpair failed", "client", c.clientAddr, "err", err)
+		}
+	}
+	for _, ep := range []*endpoint{&c.client, &c.backend} {
+		if ep.fd < 0 {
+			continue
+		}
+		p.byFD[ep.fd] = nil
+		if hard {
+			closeWithReset(ep.fd)
+		} else {
+			unix.Close(ep.fd)
+		}
+	}
+	c.lease.Release()
+	in, out := c.client.settledTotal(), c.backend.settledTotal()
+	p.env.onClose(ConnSummary{
+		Client: c.clientAddr.String(), Backend: c.lease.Backend.ID,
+		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how,
+	})
+}
+
+func (ep *endpoint) settledTotal() uint64 {
+	if ep.state == nil {
+		return 0
+	}
+	return atomic.LoadUint64(ep.state) & loader.FlowCountMask
+}
+
+func closeWithReset(fd int) {
+	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	unix.Close(fd)
+}
+
+func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+	}
+	return netip.AddrPort{}
+}
+
+func addrPortSockaddr(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
+	}
+	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
+}
+
+func openSockmapPlane(env planeEnv, pinPath string) (Dataplane, func() error, error) {
+	maps, err := loader.Open(pinPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	return newSockmapPlane(env, maps), maps.Close, nil
+}
