@@ -14,6 +14,11 @@ import (
 // ErrNotSupported wraps every reason the sockmap data plane cannot run here.
 var ErrNotSupported = errors.New("sockmap data plane not supported")
 
+// ErrNotEstablished says a socket left the ESTABLISHED state (its remote
+// already sent FIN) before it could join the sockhash, which only takes
+// established sockets.
+var ErrNotEstablished = errors.New("socket no longer established")
+
 // ErrAlreadyLoaded says another live edgeproxy holds the pin path.
 var ErrAlreadyLoaded = errors.New("data plane already loaded by another process")
 

@@ -221,14 +221,22 @@ func (s *Sockmap) Pair(p Pair) error {
 	}
 	if err := s.objs.Sockets.Update(p.ClientCookie, uint64(p.ClientFD), ebpf.UpdateAny); err != nil {
 		s.unpair(p)
-		return fmt.Errorf("insert client socket into sockhash: %w", err)
+		return fmt.Errorf("insert client socket into sockhash: %w", establishedErr(err))
 	}
 	if err := s.objs.Sockets.Update(p.BackendCookie, uint64(p.BackendFD), ebpf.UpdateAny); err != nil {
-		_ = s.objs.Sockets.Delete(p.ClientCookie)
-		s.unpair(p)
-		return fmt.Errorf("insert backend socket into sockhash: %w", err)
+		// The client socket stays in: taking it out would drop the bytes
+		// the verdict already passed to its queue. Unarmed, it behaves as
+		// a plain socket whose bytes userspace reads.
+		return fmt.Errorf("insert backend socket into sockhash: %w", establishedErr(err))
 	}
 	return nil
+}
+
+func establishedErr(err error) error {
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("%w: %w", ErrNotEstablished, err)
+	}
+	return err
 }
 
 // Unpair removes the pairing entries. The sockets leave the sockhash by

@@ -69,7 +69,10 @@ type smConn struct {
 	deadline        time.Time // connect deadline
 	connecting      bool
 	paired          bool
-	watched         bool // re-examined on every tick
+	// copyMode: a socket was already half-closed when the connection was
+	// paired, so the sockhash refused it; userspace copies this one.
+	copyMode bool
+	watched  bool // re-examined on every tick
 }
 
 const (
@@ -326,7 +329,14 @@ func (p *sockmapPlane) pair(c *smConn) error {
 		ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie,
 		Backend: c.lease.state.index,
 	}); err != nil {
-		return err
+		if !errors.Is(err, loader.ErrNotEstablished) {
+			return err
+		}
+		// A client that sent its request and FIN before the backend
+		// answered the dial, or a backend that greeted and closed.
+		c.copyMode = true
+		p.env.log.Debug("socket half-closed before pairing, copying in userspace",
+			"client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 	}
 	c.paired = true
 	if err := p.epollCtl(unix.EPOLL_CTL_MOD, c.backend.fd, epollIn); err != nil {
@@ -351,6 +361,9 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 	c := src.conn
 	if !c.paired || src.eof {
 		return true
+	}
+	if c.copyMode {
+		return p.copyForward(src)
 	}
 	dst := src.peer
 	for {
@@ -414,6 +427,53 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 		}
 	}
 	return p.checkEOF(src)
+}
+
+// copyForward moves src's bytes to its peer through userspace, for the
+// rare connection that could not be spliced in the kernel.
+func (p *sockmapPlane) copyForward(src *endpoint) bool {
+	c, dst := src.conn, src.peer
+	for {
+		if len(src.pending) > 0 {
+			n, err := unix.Write(dst.fd, src.pending)
+			if n > 0 {
+				src.pending = src.pending[n:]
+			}
+			if errors.Is(err, unix.EAGAIN) {
+				p.wantWritable(dst, true)
+				return true
+			}
+			if err != nil {
+				p.reset(c, "reset", "write copied bytes")
+				return false
+			}
+			continue
+		}
+		p.wantWritable(dst, false)
+		n, err := unix.Read(src.fd, p.buf)
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			return true
+		case err != nil:
+			p.reset(c, "reset", "read copied bytes")
+			return false
+		case n == 0:
+			src.eof, src.final = true, src.settled
+			return true
+		}
+		src.settled += uint64(n)
+		w, err := unix.Write(dst.fd, p.buf[:n])
+		if errors.Is(err, unix.EAGAIN) {
+			w, err = 0, nil
+		}
+		if err != nil {
+			p.reset(c, "reset", "write copied bytes")
+			return false
+		}
+		if w < n {
+			src.pending = append(src.pending[:0], p.buf[w:n]...)
+		}
+	}
 }
 
 // checkEOF looks for the remote's FIN on an armed socket. recv takes the
@@ -536,7 +596,7 @@ func (p *sockmapPlane) onTick(now time.Time) {
 // limit. Paused, the verdict passes bytes to the socket's own queue, which
 // its receive buffer bounds and TCP flow control throttles.
 func (p *sockmapPlane) checkBacklog(src *endpoint) {
-	if !src.armed || src.eof {
+	if !src.armed || src.eof || src.conn.copyMode {
 		return
 	}
 	s := atomic.LoadUint64(src.state)
@@ -604,8 +664,8 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 }
 
 func (ep *endpoint) settledTotal() uint64 {
-	if ep.state == nil {
-		return 0
+	if ep.state == nil || ep.conn.copyMode {
+		return ep.settled
 	}
 	return atomic.LoadUint64(ep.state) & loader.FlowCountMask
 }

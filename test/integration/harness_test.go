@@ -1,0 +1,274 @@
+//go:build linux
+
+// Package integration runs the real edgeproxy binary in network namespaces
+// (client, proxy and backend hosts joined by veth) on both data planes.
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/edgeproxy/edgeproxy/internal/nettest"
+	"github.com/edgeproxy/edgeproxy/loader"
+	_ "modernc.org/sqlite"
+)
+
+var binary string // the edgeproxy binary under test, built once
+
+func TestMain(m *testing.M) {
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		// Each test says why it skips; nothing to build.
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "edgeproxy-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "temp dir:", err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "edgeproxy")
+	build := exec.Command("go", "build", "-o", binary, "github.com/edgeproxy/edgeproxy/cmd/edgeproxy")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build edgeproxy:", err)
+		os.Exit(1)
+	}
+	// A privileged run must exercise the sockmap plane: a failed probe
+	// here is a failure, not a reason to skip.
+	if err := loader.Probe(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL: running as root but the sockmap data plane is unusable:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// planes are the data planes every stream test runs on.
+var planes = []string{"sockmap", "splice"}
+
+// backendRow is one row of the test routing.db.
+type backendRow struct {
+	ID, Region, Country, Addr string
+	Port                      int
+	Healthy                   bool
+	Weight, Soft, Hard        int
+}
+
+func writeDB(t testing.TB, path string, rows []backendRow) {
+	t.Helper()
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatalf("open %s: %v", path, err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS backends (
+		id TEXT PRIMARY KEY, app TEXT, region TEXT, country TEXT,
+		wg_ip TEXT, port INTEGER, healthy INTEGER, weight INTEGER,
+		soft_limit INTEGER, hard_limit INTEGER, deleted INTEGER DEFAULT 0)`); err != nil {
+		t.Fatalf("create backends in %s: %v", path, err)
+	}
+	if _, err := db.Exec(`DELETE FROM backends`); err != nil {
+		t.Fatalf("clear backends: %v", err)
+	}
+	for _, r := range rows {
+		if _, err := db.Exec(`INSERT INTO backends VALUES (?, 'test', ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
+			r.ID, r.Region, r.Country, r.Addr, r.Port, r.Healthy, r.Weight, r.Soft, r.Hard); err != nil {
+			t.Fatalf("insert backend %s: %v", r.ID, err)
+		}
+	}
+}
+
+// proxyProc is a running edgeproxy.
+type proxyProc struct {
+	cmd     *exec.Cmd
+	Plane   string
+	PinPath string
+	DBPath  string
+	logs    *syncBuffer
+	done    chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startProxy runs edgeproxy in ns on the given plane, listening on
+// 0.0.0.0:8080, with the backends in rows, and waits until it serves.
+func startProxy(t testing.TB, ns *nettest.NS, plane string, rows []backendRow, env ...string) *proxyProc {
+	t.Helper()
+	dir := t.TempDir()
+	p := &proxyProc{
+		Plane:   plane,
+		DBPath:  filepath.Join(dir, "routing.db"),
+		PinPath: fmt.Sprintf("/sys/fs/bpf/edgeproxy-test-%d-%d", os.Getpid(), time.Now().UnixNano()),
+		logs:    &syncBuffer{},
+		done:    make(chan error, 1),
+	}
+	writeDB(t, p.DBPath, rows)
+	p.start(t, ns, env)
+	t.Cleanup(func() {
+		p.stop(t)
+		os.RemoveAll(p.PinPath)
+		if t.Failed() {
+			t.Logf("edgeproxy log:\n%s", p.logs.String())
+		}
+	})
+	return p
+}
+
+func (p *proxyProc) start(t testing.TB, ns *nettest.NS, env []string) {
+	t.Helper()
+	p.cmd = ns.Command(binary, "run")
+	p.cmd.Env = append(os.Environ(),
+		"EDGEPROXY_LISTEN_ADDR=0.0.0.0:8080",
+		"EDGEPROXY_DB_PATH="+p.DBPath,
+		"EDGEPROXY_DATAPLANE="+p.Plane,
+		"EDGEPROXY_BPF_PIN_PATH="+p.PinPath,
+		"EDGEPROXY_ADMIN_ADDR=",
+		"EDGEPROXY_CONNECT_TIMEOUT_MS=1000",
+		"DEBUG=",
+	)
+	p.cmd.Env = append(p.cmd.Env, env...)
+	stderr, err := p.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start edgeproxy: %v", err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		once := sync.Once{}
+		for sc.Scan() {
+			line := sc.Text()
+			p.logs.Write([]byte(line + "\n"))
+			if strings.Contains(line, "edgeproxy started") {
+				once.Do(func() { close(ready) })
+			}
+		}
+		_, _ = io.Copy(io.Discard, stderr)
+	}()
+	go func() { p.done <- p.cmd.Wait() }()
+	select {
+	case <-ready:
+	case err := <-p.done:
+		t.Fatalf("edgeproxy exited before serving: %v\n%s", err, p.logs.String())
+	case <-time.After(10 * time.Second):
+		t.Fatalf("edgeproxy not serving after 10s:\n%s", p.logs.String())
+	}
+	if want := "dataplane=" + p.Plane; !strings.Contains(p.logs.String(), want) {
+		t.Fatalf("edgeproxy runs the wrong data plane, want %s:\n%s", want, p.logs.String())
+	}
+}
+
+// stop sends SIGTERM and waits; SIGKILL after 10s.
+func (p *proxyProc) stop(t testing.TB) {
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Errorf("edgeproxy ignored SIGTERM for 10s; killing it")
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+	p.cmd = nil
+}
+
+// kill ends the proxy with SIGKILL, leaving its pins behind.
+func (p *proxyProc) kill() {
+	_ = p.cmd.Process.Kill()
+	<-p.done
+	p.cmd = nil
+}
+
+// rssKiB reads the proxy's resident set size.
+func (p *proxyProc) rssKiB(t testing.TB) int {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatalf("read proxy status: %v", err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	t.Fatal("VmRSS missing from /proc status")
+	return 0
+}
+
+// mapEntries counts sockhash and pairing entries; zero on the splice plane.
+func (p *proxyProc) mapEntries(t testing.TB) (sockets, pairings int) {
+	t.Helper()
+	if p.Plane != "sockmap" {
+		return 0, 0
+	}
+	s, pr, err := loader.CountPinned(p.PinPath)
+	if err != nil {
+		t.Fatalf("count pinned map entries: %v", err)
+	}
+	return s, pr
+}
+
+// waitNoEntries waits up to 3s for every pairing to be gone.
+func (p *proxyProc) waitNoEntries(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		s, pr := p.mapEntries(t)
+		if s == 0 && pr == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("BPF maps not empty after connections ended: %d sockhash entries, %d pairings", s, pr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// withTimeout is a context bounded for one test step.
+func withTimeout(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+const proxyAddr = nettest.ProxyClientIP + ":8080"
+
+func backendAt(id string, port int) backendRow {
+	return backendRow{ID: id, Region: "sa", Country: "BR", Addr: nettest.BackendIP, Port: port, Healthy: true, Weight: 1, Soft: 1000, Hard: 0}
+}
