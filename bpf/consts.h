@@ -23,6 +23,6 @@ enum verdict_reason {
 	VERDICT_PASS_UNARMED = 2,    /* pairing not armed yet or paused: userspace forwards */
 	VERDICT_PASS_PEER_GONE = 3,  /* redirect failed: the peer left the sockhash */
 	VERDICT_PASS_BAD_FLOW = 4,   /* pairing names a flow slot out of range */
-	VERDICT_PASS_EMPTY = 5,      /* no payload (a bare FIN): nothing to move */
+	VERDICT_DROP_EMPTY = 5,      /* no payload (a bare FIN): nothing to move */
 	VERDICT_REASONS = 6,
 };

@@ -39,12 +39,14 @@ int splice_verdict(struct __sk_buff *skb)
 	__u32 slot;
 
 	if (skb->len == 0) {
-		/* A bare FIN. Redirected, the peer's backlog worker would send
-		 * zero bytes, read that as a broken pipe and set EPIPE on the
-		 * peer. Userspace propagates the FIN itself once every byte
-		 * before it has reached the peer. */
-		count_verdict(VERDICT_PASS_EMPTY);
-		return SK_PASS;
+		/* A bare FIN. TCP has already taken its meaning (the socket is
+		 * shut for reading), so dropping the empty skb loses nothing.
+		 * Redirected or passed, it could land in a psock backlog whose
+		 * worker reads a zero-byte transfer as a broken pipe and sets
+		 * EPIPE on the socket. Userspace propagates the FIN itself once
+		 * every byte before it has reached the peer. */
+		count_verdict(VERDICT_DROP_EMPTY);
+		return SK_DROP;
 	}
 	cookie = bpf_get_socket_cookie(skb);
 	pair = bpf_map_lookup_elem(&pairings, &cookie);

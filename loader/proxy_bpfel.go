@@ -33,7 +33,7 @@ const (
 	proxyVerdictReasonVERDICT_PASS_UNARMED   proxyVerdictReason = 2
 	proxyVerdictReasonVERDICT_PASS_PEER_GONE proxyVerdictReason = 3
 	proxyVerdictReasonVERDICT_PASS_BAD_FLOW  proxyVerdictReason = 4
-	proxyVerdictReasonVERDICT_PASS_EMPTY     proxyVerdictReason = 5
+	proxyVerdictReasonVERDICT_DROP_EMPTY     proxyVerdictReason = 5
 	proxyVerdictReasonVERDICT_REASONS        proxyVerdictReason = 6
 )
 

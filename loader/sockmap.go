@@ -40,7 +40,7 @@ var VerdictReasons = []string{
 	proxyVerdictReasonVERDICT_PASS_UNARMED:   "pass_unarmed",
 	proxyVerdictReasonVERDICT_PASS_PEER_GONE: "pass_peer_gone",
 	proxyVerdictReasonVERDICT_PASS_BAD_FLOW:  "pass_bad_flow",
-	proxyVerdictReasonVERDICT_PASS_EMPTY:     "pass_empty",
+	proxyVerdictReasonVERDICT_DROP_EMPTY:     "drop_empty_fin",
 }
 
 // Pair names the two sockets of one proxied connection. A socket's flow

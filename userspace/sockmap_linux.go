@@ -202,7 +202,7 @@ func (p *sockmapPlane) dispatch(fd int, events uint32) {
 	}
 	if events&unix.EPOLLERR != 0 {
 		if errno, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); errno != 0 {
-			p.reset(c, "reset", unix.Errno(errno).Error())
+			p.reset(c, "reset", fmt.Sprintf("%s on %s", unix.Errno(errno), ep.describe()))
 			return
 		}
 	}
@@ -406,10 +406,15 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 		}
 		want := min(count-src.settled, uint64(len(p.buf)))
 		n, err := unix.Read(src.fd, p.buf[:want])
-		if errors.Is(err, unix.EAGAIN) {
-			return true // counted but not queued yet: EPOLLIN follows
+		if errors.Is(err, unix.EAGAIN) || (err == nil && n == 0) {
+			// Counted but not queued yet (the kernel defers a pass to its
+			// worker when the socket's queue is busy); recv reports EOF
+			// early when the FIN came meanwhile. EPOLLIN follows the
+			// queueing, the tick is the safety net.
+			p.watch(c)
+			return true
 		}
-		if err != nil || n == 0 {
+		if err != nil {
 			p.reset(c, "reset", "read passed bytes")
 			return false
 		}
@@ -661,6 +666,21 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 		Client: c.clientAddr.String(), Backend: c.lease.Backend.ID,
 		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how,
 	})
+}
+
+// describe is the endpoint's forwarding state, for debug logs.
+func (ep *endpoint) describe() string {
+	side := "backend"
+	if ep == &ep.conn.client {
+		side = "client"
+	}
+	var state uint64
+	if ep.state != nil {
+		state = atomic.LoadUint64(ep.state)
+	}
+	sent, _ := sentTo(ep)
+	return fmt.Sprintf("%s socket (armed=%v paused=%v eof=%v shut=%v settled=%d count=%d sent_to=%d pending=%d; peer eof=%v final=%d)",
+		side, ep.armed, ep.paused, ep.eof, ep.shut, ep.settled, state&loader.FlowCountMask, sent, len(ep.pending), ep.peer.eof, ep.peer.final)
 }
 
 func (ep *endpoint) settledTotal() uint64 {

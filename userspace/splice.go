@@ -198,4 +198,3 @@ func (s *connSet) closeAll() {
 	}
 	s.mu.Unlock()
 }
-

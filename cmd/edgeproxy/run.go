@@ -76,7 +76,7 @@ func newRunCommand(e env) *cobra.Command {
 				}
 			}
 			if !flags.Changed("debug") {
-				_, debug = e.lookup("DEBUG")
+				debug = e.str("DEBUG", "") != ""
 			}
 			cfg.DBReload = secs(reloadSecs)
 			cfg.BindingTTL = secs(ttlSecs)

@@ -153,7 +153,9 @@ func (p *proxyProc) start(t testing.TB, ns *nettest.NS, env []string) {
 		"EDGEPROXY_BPF_PIN_PATH="+p.PinPath,
 		"EDGEPROXY_ADMIN_ADDR=",
 		"EDGEPROXY_CONNECT_TIMEOUT_MS=1000",
-		"DEBUG=",
+		// EDGEPROXY_TEST_DEBUG=1 go test ... shows the proxy's debug log
+		// of failed tests.
+		"DEBUG="+os.Getenv("EDGEPROXY_TEST_DEBUG"),
 	)
 	p.cmd.Env = append(p.cmd.Env, env...)
 	stderr, err := p.cmd.StderrPipe()
