@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+
+	"github.com/maxmind/mmdbwriter/mmdbtype"
 )
 
 // benchTable spreads n backends over the four built-in regions and a few
@@ -38,14 +40,27 @@ func benchTable(n int) *Table {
 	return t
 }
 
-// benchClients rotate through countries in every tier plus an unknown one.
-var benchClients = []Client{
-	{Country: "BR", Region: "sa"},
-	{Country: "FR", Region: "eu"},
-	{Country: "JP", Region: "ap"},
-	{Country: "US", Region: "us"},
-	{Country: "ZA", Region: "us"},
-	{},
+// benchInputs rotate through clients in every tier, one of unknown
+// country, and one with an affinity binding. A power-of-two count keeps the
+// loop's own cost to a mask.
+func benchInputs(t *Table, counts []int) []Input {
+	clients := []Client{
+		{Country: "BR", Region: "sa"},
+		{Country: "FR", Region: "eu"},
+		{Country: "JP", Region: "ap"},
+		{Country: "US", Region: "us"},
+		{Country: "ZA", Region: "us"},
+		{Country: "DE", Region: "eu"},
+		{},
+		{Country: "AR", Region: "sa"},
+	}
+	active := func(i int) int { return counts[i] }
+	ins := make([]Input, len(clients))
+	for i, c := range clients {
+		ins[i] = Input{Client: c, LocalRegion: "sa", Active: active}
+	}
+	ins[len(ins)-1].BoundID = t.Backends[len(t.Backends)/2].ID
+	return ins
 }
 
 func benchmarkPick(b *testing.B, n int) {
@@ -54,15 +69,14 @@ func benchmarkPick(b *testing.B, n int) {
 	for i := range counts {
 		counts[i] = (i * 37) % 120
 	}
-	in := Input{LocalRegion: "sa", Active: func(i int) int { return counts[i] }}
+	ins := benchInputs(t, counts)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
-		in.Client = benchClients[i%len(benchClients)]
-		i++
-		if w, _, _ := Pick(in, t); w < 0 {
+		if w, _, _ := Pick(ins[i&7], t); w < 0 {
 			b.Fatal("no winner")
 		}
+		i++
 	}
 }
 
@@ -73,13 +87,12 @@ func BenchmarkPick1000(b *testing.B) { benchmarkPick(b, 1000) }
 func BenchmarkExplain100(b *testing.B) {
 	t := benchTable(100)
 	counts := make([]int, 100)
-	in := Input{LocalRegion: "sa", Active: func(i int) int { return counts[i] }}
+	ins := benchInputs(t, counts)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
-		in.Client = benchClients[i%len(benchClients)]
+		Explain(ins[i&7], t)
 		i++
-		Explain(in, t)
 	}
 }
 
@@ -99,6 +112,22 @@ func BenchmarkGeoCountry(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		g.Country(addrs[i%len(addrs)])
+		i++
+	}
+}
+
+// BenchmarkGeoCountryMaxMind reads a small GeoLite2-Country-shaped file
+// through geoip2, for comparison with the embedded ip-location-db format.
+func BenchmarkGeoCountryMaxMind(b *testing.B) {
+	g, err := OpenGeo(writeFile(b, mmdb(b, "GeoLite2-Country", testRecords(func(c string) mmdbtype.Map { return maxmindRecord(c, c) }))))
+	if err != nil {
+		b.Fatal(err)
+	}
+	addrs := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		g.Country(addrs[i&1])
 		i++
 	}
 }

@@ -49,24 +49,26 @@ var embeddedGeo = sync.OnceValues(func() ([]byte, error) {
 // safe for concurrent use.
 type Geo struct {
 	kind string
-	// Exactly one reader is set: geoip2 for the MaxMind database types it
-	// knows, maxminddb for the rest, read at recordPath.
-	maxmind    *geoip2.Reader
-	mmdb       *maxminddb.Reader
-	recordPath []any
+	mmdb *maxminddb.Reader
+	// countryPath is where a record keeps its country code; fallbackPath,
+	// if set, is tried when that is empty.
+	countryPath, fallbackPath []any
 }
 
 // Record layouts OpenGeo understands, by where the country code sits.
 var (
 	maxmindCountryPath      = []any{"country", "iso_code"} // GeoIP2/GeoLite2 Country and City
-	ipLocationDBCountryPath = []any{"country_code"}        // ip-location-db *-country
+	maxmindRegisteredPath   = []any{"registered_country", "iso_code"}
+	ipLocationDBCountryPath = []any{"country_code"} // ip-location-db *-country
 )
 
 // OpenGeo opens the .mmdb file at path, or the embedded default when path is
-// "". The format comes from the file itself: a MaxMind database type that
-// carries countries (GeoLite2/GeoIP2 Country, City, Enterprise and their
-// DB-IP equivalents) is read through geoip2; any other type is read by the
-// field its records hold, country.iso_code or ip-location-db's country_code.
+// "". The format comes from the file itself: a database type that geoip2
+// knows to carry countries (GeoLite2/GeoIP2 Country, City, Enterprise and
+// their DB-IP equivalents) is read at country.iso_code; any other type is
+// read at the field its records hold, country.iso_code or ip-location-db's
+// country_code. Lookups decode only that field, not geoip2's whole record,
+// which is several times slower and allocates the record.
 //
 // The file is read into memory rather than memory-mapped: copying a new
 // database over the old one in place would otherwise pull pages out from
@@ -96,55 +98,77 @@ func OpenGeo(path string) (*Geo, error) {
 }
 
 func openGeoBytes(data []byte) (*Geo, error) {
-	mm, err := geoip2.OpenBytes(data)
-	var unknownType geoip2.UnknownDatabaseTypeError
-	switch {
-	case err == nil:
-		// geoip2 also knows types with no country (ASN, ISP, ...).
-		if _, err := mm.Country(netip.IPv4Unspecified()); errors.As(err, new(geoip2.InvalidMethodError)) {
-			mm.Close()
-			return nil, fmt.Errorf("database type %q has no country data", mm.Metadata().DatabaseType)
-		}
-		return &Geo{kind: "maxmind " + mm.Metadata().DatabaseType, maxmind: mm}, nil
-	case errors.As(err, &unknownType):
-		mm.Close()
-	default:
-		return nil, err
-	}
-
 	r, err := maxminddb.OpenBytes(data)
 	if err != nil {
 		return nil, err
 	}
-	path, format, err := detectRecordPath(r)
-	if err != nil {
+	g := &Geo{mmdb: r}
+	if g.kind, g.countryPath, err = detectFormat(data, r); err != nil {
 		r.Close()
 		return nil, fmt.Errorf("database type %q: %w", r.Metadata.DatabaseType, err)
 	}
-	return &Geo{kind: format + " " + r.Metadata.DatabaseType, mmdb: r, recordPath: path}, nil
+	if g.countryPath[0] == maxmindCountryPath[0] {
+		g.fallbackPath = maxmindRegisteredPath
+	}
+	return g, nil
 }
 
-// detectRecordPath looks at the first record for a known country field. The
-// metadata's database_type is free text outside MaxMind's own names
+// detectFormat asks geoip2, which tracks MaxMind's database type names,
+// first; a type it does not know is judged by its records.
+func detectFormat(data []byte, r *maxminddb.Reader) (kind string, countryPath []any, err error) {
+	mm, err := geoip2.OpenBytes(data)
+	if err == nil {
+		defer mm.Close()
+		// geoip2 also knows types with no country (ASN, ISP, ...).
+		if _, err := mm.Country(netip.IPv4Unspecified()); errors.As(err, new(geoip2.InvalidMethodError)) {
+			return "", nil, errors.New("no country data")
+		}
+		return "maxmind " + r.Metadata.DatabaseType, maxmindCountryPath, nil
+	}
+	if !errors.As(err, new(geoip2.UnknownDatabaseTypeError)) {
+		return "", nil, err
+	}
+	path, format, err := detectRecordPath(r)
+	if err != nil {
+		return "", nil, err
+	}
+	return format + " " + r.Metadata.DatabaseType, path, nil
+}
+
+// recordsToProbe bounds the search for a record that shows the layout; the
+// first few networks of a real database can be reserved or anycast ranges
+// without a country.
+const recordsToProbe = 64
+
+// detectRecordPath looks for a known country field in the first records.
+// The metadata's database_type is free text outside MaxMind's own names
 // (ip-location-db writes "country ipvAll"), so the records are the reliable
 // witness.
 func detectRecordPath(r *maxminddb.Reader) ([]any, string, error) {
+	seen := 0
 	for res := range r.Networks() {
 		var rec map[string]any
 		if err := res.Decode(&rec); err != nil {
-			return nil, "", fmt.Errorf("decode first record: %w", err)
+			return nil, "", fmt.Errorf("decode record for %s: %w", res.Prefix(), err)
 		}
 		if _, ok := rec["country_code"].(string); ok {
 			return ipLocationDBCountryPath, "ip-location-db", nil
 		}
-		if c, ok := rec["country"].(map[string]any); ok {
-			if _, ok := c["iso_code"].(string); ok {
-				return maxmindCountryPath, "maxmind-compatible", nil
+		for _, field := range []string{"country", "registered_country"} {
+			if c, ok := rec[field].(map[string]any); ok {
+				if _, ok := c["iso_code"].(string); ok {
+					return maxmindCountryPath, "maxmind-compatible", nil
+				}
 			}
 		}
-		return nil, "", errors.New("records have neither country.iso_code nor country_code")
+		if seen++; seen == recordsToProbe {
+			break
+		}
 	}
-	return nil, "", errors.New("no records")
+	if seen == 0 {
+		return nil, "", errors.New("no records")
+	}
+	return nil, "", errors.New("records have neither country.iso_code nor country_code")
 }
 
 // Country returns the client's ISO country code (upper-case), or "" when the
@@ -156,19 +180,18 @@ func (g *Geo) Country(addr netip.Addr) string {
 	if !addr.IsValid() {
 		return ""
 	}
-	addr = addr.Unmap()
+	res := g.mmdb.Lookup(addr.Unmap())
+	if !res.Found() {
+		return ""
+	}
 	var cc string
-	if g.maxmind != nil {
-		rec, err := g.maxmind.Country(addr)
-		if err != nil {
+	if err := res.DecodePath(&cc, g.countryPath...); err != nil {
+		return ""
+	}
+	if cc == "" && g.fallbackPath != nil {
+		if err := res.DecodePath(&cc, g.fallbackPath...); err != nil {
 			return ""
 		}
-		cc = rec.Country.ISOCode
-		if cc == "" {
-			cc = rec.RegisteredCountry.ISOCode
-		}
-	} else if err := g.mmdb.Lookup(addr).DecodePath(&cc, g.recordPath...); err != nil {
-		return ""
 	}
 	return strings.ToUpper(cc)
 }
@@ -180,12 +203,7 @@ func (g *Geo) Kind() string { return g.kind }
 
 // Close releases the database. It must not run concurrently with Country;
 // GeoSource therefore never closes a Geo it has handed out.
-func (g *Geo) Close() error {
-	if g.maxmind != nil {
-		return g.maxmind.Close()
-	}
-	return g.mmdb.Close()
-}
+func (g *Geo) Close() error { return g.mmdb.Close() }
 
 // GeoSource is a Geo that follows its file: Refresh reopens it when it
 // changed on disk, so replacing the database takes effect without a restart.

@@ -65,8 +65,12 @@ const sqliteDriver = "sqlite"
 // form makes SQLite honor mode=ro, and without it a missing file would be
 // created empty. A busy timeout lets a read wait out a writer's commit.
 func openReadOnly(path string) (*sql.DB, error) {
-	if _, err := os.Stat(path); err != nil {
+	fi, err := os.Stat(path)
+	if err != nil {
 		return nil, fmt.Errorf("open routing db: %w", err)
+	}
+	if fi.IsDir() {
+		return nil, fmt.Errorf("open routing db %s: is a directory", path)
 	}
 	db, err := sql.Open(sqliteDriver, readOnlyURI(path))
 	if err != nil {
@@ -100,7 +104,7 @@ func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError
 	if err != nil {
 		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
 	}
-	defer tx.Rollback() //nolint:errcheck // read-only: nothing to lose
+	defer tx.Rollback() // read-only: ending it is all Rollback does
 
 	cols, err := tableColumns(ctx, tx, "backends")
 	if err != nil {

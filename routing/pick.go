@@ -13,8 +13,8 @@ type Client struct {
 type Exclusion string
 
 const (
-	ExcludedUnhealthy   Exclusion = "unhealthy"
-	ExcludedAtHardLimit Exclusion = "at_hard_limit"
+	ExcludedUnhealthy   Exclusion = "unhealthy"     // healthy is 0 (or NULL) in routing.db
+	ExcludedAtHardLimit Exclusion = "at_hard_limit" // live connections >= hard_limit > 0
 )
 
 // RejectReason says why no backend was picked. It is the `reason` label of
@@ -62,30 +62,36 @@ func score(geo, active int, soft, weight float64) float64 {
 	return float64(geo*100) + (float64(active)/soft)/weight
 }
 
-// beats reports whether a candidate is strictly better than the best so far.
+// beats reports whether candidate i is strictly better than the best so far.
 // Ties are broken deterministically: lower score, then fewer active
-// connections, then higher effective weight. Candidates are visited in table
-// order, which is ID order, so a full tie keeps the smaller ID.
-func beats(s float64, active int, weight float64, bestScore float64, bestActive int, bestWeight float64) bool {
+// connections, then higher effective weight, then smaller ID. Backends are
+// sorted by ID, so the index stands for the ID, and the order in which
+// candidates are visited cannot change the result.
+func beats(i int, s float64, active int, weight float64, best int, bestScore float64, bestActive int, bestWeight float64) bool {
 	if s != bestScore {
 		return s < bestScore
 	}
 	if active != bestActive {
 		return active < bestActive
 	}
-	return weight > bestWeight
+	if weight != bestWeight {
+		return weight > bestWeight
+	}
+	return i < best
 }
 
-type query struct{ country, region, local int32 }
+type query struct{ country, region, local nameKey }
 
 func (p *prepared) query(in *Input) query {
 	return query{
-		country: p.key(in.Client.Country),
-		region:  p.key(in.Client.Region),
-		local:   p.key(in.LocalRegion),
+		country: p.clientKey(in.Client.Country),
+		region:  p.clientKey(in.Client.Region),
+		local:   p.clientKey(in.LocalRegion),
 	}
 }
 
+// geo is the tier of a backend for this query. A backend's empty name
+// (emptyName) never equals a client's empty or unknown one (unknownName).
 func (q query) geo(r *scoreRow) int {
 	switch {
 	case r.country == q.country:
@@ -98,14 +104,14 @@ func (q query) geo(r *scoreRow) int {
 	return GeoElsewhere
 }
 
-// active reads a live count; a negative count (a bookkeeping bug elsewhere)
-// counts as 0, so that no score is ever below its geo tier's floor, which
-// Pick's pruning relies on.
-func (in *Input) active(i int) int {
-	if in.Active == nil {
+// activeCount reads a live count. A negative count (a bookkeeping bug
+// elsewhere) counts as 0, so that no score is ever below its geo tier's
+// floor, which Pick's pruning relies on.
+func activeCount(active func(int) int, i int) int {
+	if active == nil {
 		return 0
 	}
-	return max(in.Active(i), 0)
+	return max(active(i), 0)
 }
 
 func (r *scoreRow) atHardLimit(active int) bool {
@@ -127,50 +133,125 @@ func rejectReason(backends int, sawHealthy bool) RejectReason {
 // it wins whatever its score (affinity) and sticky is true; a binding to a
 // backend that is absent, unhealthy or at its hard limit is ignored.
 //
-// Pick is the hot path and does not allocate. It calls Active only for
-// backends that could still win: a candidate whose geo tier alone puts it
-// above the best score so far is skipped unread.
+// Pick is the hot path and does not allocate. Every score is at least its
+// geo tier's floor (tier*100), so Pick visits backends tier by tier, best
+// tier first, and stops as soon as the best score so far is below the next
+// tier's floor; backends it never reaches have their live count unread.
 func Pick(in Input, t *Table) (winner int, sticky bool, reject RejectReason) {
-	if len(t.Backends) == 0 {
+	if t == nil || len(t.Backends) == 0 {
 		return -1, false, RejectTableEmpty
 	}
 	p := t.prepared()
 	if in.BoundID != "" {
 		if i := t.Index(in.BoundID); i >= 0 {
 			r := &p.rows[i]
-			if r.healthy && !r.atHardLimit(in.active(i)) {
+			if r.healthy && !r.atHardLimit(activeCount(in.Active, i)) {
 				return i, true, ""
 			}
 		}
 	}
 
+	// Field by field: a composite literal here compiles to a zeroed
+	// temporary copied into place, whose mismatched loads cost more than
+	// the scan of a small table.
+	var pk picker
+	pk.activeOf, pk.rows, pk.best = in.Active, p.rows, -1
 	q := p.query(&in)
-	best, bestActive := -1, 0
-	var bestScore, bestWeight float64
-	sawHealthy := false
-	for i := range p.rows {
-		r := &p.rows[i]
+	if p.byCountry != nil {
+		return pk.pickIndexed(p, q, len(t.Backends))
+	}
+
+	// A small table: one pass of integer compares finds the best tier
+	// present and its backends; only those have their live counts read.
+	var tierBest [indexedTableMin]uint8
+	n, minTier := 0, GeoElsewhere+1
+	for i := range pk.rows {
+		r := &pk.rows[i]
 		if !r.healthy {
 			continue
 		}
-		sawHealthy = true
-		geo := q.geo(r)
-		if best >= 0 && float64(geo*100) > bestScore {
-			continue
-		}
-		a := in.active(i)
-		if r.atHardLimit(a) {
-			continue
-		}
-		s := score(geo, a, r.soft, r.weight)
-		if best < 0 || beats(s, a, r.weight, bestScore, bestActive, bestWeight) {
-			best, bestScore, bestActive, bestWeight = i, s, a, r.weight
+		switch geo := q.geo(r); {
+		case geo < minTier:
+			minTier, n = geo, 0
+			fallthrough
+		case geo == minTier:
+			tierBest[n] = uint8(i)
+			n++
 		}
 	}
-	if best < 0 {
-		return -1, false, rejectReason(len(t.Backends), sawHealthy)
+	for _, i := range tierBest[:n] {
+		pk.consider(int(i), minTier)
 	}
-	return best, false, ""
+	if pk.best < 0 || pk.score >= float64((minTier+1)*100) {
+		// The best tier is full or overloaded past the next tier's floor
+		// (rare): look at everyone.
+		for i := range pk.rows {
+			if r := &pk.rows[i]; r.healthy {
+				pk.consider(i, q.geo(r))
+			}
+		}
+	}
+	return pk.result(len(t.Backends), minTier <= GeoElsewhere)
+}
+
+// pickIndexed visits the client's country, then its region, then this POP's
+// region, and falls back to every backend only when none of those produced a
+// score below the next tier's floor.
+func (pk *picker) pickIndexed(p *prepared, q query, backends int) (int, bool, RejectReason) {
+	for tier, list := range [...][]int32{
+		GeoSameCountry: p.byCountry[q.country],
+		GeoSameRegion:  p.byRegion[q.region],
+		GeoLocalRegion: p.byRegion[q.local],
+	} {
+		for _, i := range list {
+			pk.consider(int(i), q.geo(&pk.rows[i]))
+		}
+		if pk.best >= 0 && pk.score < float64((tier+1)*100) {
+			return pk.result(backends, true)
+		}
+	}
+	sawHealthy := false
+	for i := range pk.rows {
+		if r := &pk.rows[i]; r.healthy {
+			sawHealthy = true
+			pk.consider(i, q.geo(r))
+		}
+	}
+	return pk.result(backends, sawHealthy)
+}
+
+func (pk *picker) result(backends int, sawHealthy bool) (int, bool, RejectReason) {
+	if pk.best < 0 {
+		return -1, false, rejectReason(backends, sawHealthy)
+	}
+	return pk.best, false, ""
+}
+
+// picker is Pick's running best.
+type picker struct {
+	activeOf func(int) int
+	rows     []scoreRow
+	best     int
+	score    float64
+	active   int
+	weight   float64
+}
+
+// consider scores healthy backend i in tier geo unless its tier's floor is
+// already above the best score, in which case its live count is not read.
+func (pk *picker) consider(i, geo int) {
+	if pk.best >= 0 && float64(geo*100) > pk.score {
+		return
+	}
+	r := &pk.rows[i]
+	a := activeCount(pk.activeOf, i)
+	if r.atHardLimit(a) {
+		return
+	}
+	s := score(geo, a, r.soft, r.weight)
+	if pk.best < 0 || beats(i, s, a, r.weight, pk.best, pk.score, pk.active, pk.weight) {
+		pk.best, pk.score, pk.active, pk.weight = i, s, a, r.weight
+	}
 }
 
 // Candidate is one backend as Explain saw it. Score is meaningful only when
@@ -198,6 +279,10 @@ type Decision struct {
 // it; it allocates the Candidates slice.
 func Explain(in Input, t *Table) Decision {
 	d := Decision{Client: in.Client, LocalRegion: in.LocalRegion, Winner: -1}
+	if t == nil {
+		d.Reject = RejectTableEmpty
+		return d
+	}
 	p := t.prepared()
 	q := p.query(&in)
 	d.Candidates = make([]Candidate, len(p.rows))
@@ -206,7 +291,7 @@ func Explain(in Input, t *Table) Decision {
 	sawHealthy := false
 	for i := range p.rows {
 		r := &p.rows[i]
-		c := Candidate{Index: i, Geo: q.geo(r), Active: in.active(i)}
+		c := Candidate{Index: i, Geo: q.geo(r), Active: activeCount(in.Active, i)}
 		switch {
 		case !r.healthy:
 			c.Excluded = ExcludedUnhealthy
@@ -218,7 +303,7 @@ func Explain(in Input, t *Table) Decision {
 			c.Score = score(c.Geo, c.Active, r.soft, r.weight)
 			if best < 0 {
 				best = i
-			} else if b := &d.Candidates[best]; beats(c.Score, c.Active, r.weight, b.Score, b.Active, p.rows[best].weight) {
+			} else if b := &d.Candidates[best]; beats(i, c.Score, c.Active, r.weight, best, b.Score, b.Active, p.rows[best].weight) {
 				best = i
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -35,6 +36,9 @@ type Table struct {
 	Deleted  []string          // ids of rows with deleted=1, sorted, for explanations
 	Regions  map[string]string // upper-case country -> region: built-in map overlaid by the regions table
 	Version  uint64            // hash of the content above: equal tables have equal versions
+	// LoadedAt is when this content was read. A reload that finds the same
+	// content keeps the older snapshot, so it is when the content was first
+	// seen.
 	LoadedAt time.Time
 
 	// prep is what Pick needs in a cache-friendly shape, built once so the
@@ -62,13 +66,7 @@ var builtinRegions = func() map[string]string {
 }()
 
 // BuiltinRegions returns a copy of the built-in country -> region map.
-func BuiltinRegions() map[string]string {
-	m := make(map[string]string, len(builtinRegions))
-	for c, r := range builtinRegions {
-		m[c] = r
-	}
-	return m
-}
+func BuiltinRegions() map[string]string { return maps.Clone(builtinRegions) }
 
 // RegionOf maps a country code (any case) to its region. An unknown country
 // is in DefaultRegion, as in the seed; an empty country has no region, which
@@ -93,8 +91,8 @@ func (t *Table) Index(id string) int {
 	if t == nil {
 		return -1
 	}
-	// A hand-written binary search: sort.Search's closure would cost an
-	// allocation on the Pick path.
+	// By hand rather than sort.Search: Pick calls this for every bound
+	// client, and an indirect call per step is most of the cost.
 	lo, hi := 0, len(t.Backends)
 	for lo < hi {
 		mid := int(uint(lo+hi) >> 1)
@@ -125,7 +123,7 @@ func NewTable(backends []Backend, deleted []string, regionOverrides map[string]s
 	slices.SortFunc(bs, func(a, b Backend) int { return cmp.Compare(a.ID, b.ID) })
 	for i := range bs {
 		if bs[i].ID == "" {
-			return nil, fmt.Errorf("backend %d: empty id", i)
+			return nil, fmt.Errorf("backend with empty id (address %s)", bs[i].AddrPort())
 		}
 		if i > 0 && bs[i].ID == bs[i-1].ID {
 			return nil, fmt.Errorf("backend %q: duplicate id", bs[i].ID)
@@ -193,115 +191,11 @@ func (t *Table) contentHash() uint64 {
 	for _, id := range t.Deleted {
 		writeString(id)
 	}
-	countries := make([]string, 0, len(t.Regions))
-	for c := range t.Regions {
-		countries = append(countries, c)
-	}
-	slices.Sort(countries)
+	countries := slices.Sorted(maps.Keys(t.Regions))
 	writeInt(int64(len(countries)))
 	for _, c := range countries {
 		writeString(c)
 		writeString(t.Regions[c])
 	}
 	return binary.BigEndian.Uint64(h.Sum(nil))
-}
-
-// prepared is the scoring view of a Table: one dense row per backend, with
-// countries and regions replaced by small integer keys, so Pick compares
-// integers instead of case-folding strings per backend.
-type prepared struct {
-	rows []scoreRow
-	// keys maps a lower-cased country or region name to its key (>= 1).
-	// Countries and regions share the namespace: they are never compared
-	// with each other, only country with country and region with region.
-	keys map[string]int32
-}
-
-// Keys: a backend's empty country or region is emptyKey, and a client value
-// that is empty or appears in no backend is noKey, so neither ever matches.
-const (
-	emptyKey int32 = 0
-	noKey    int32 = -1
-)
-
-type scoreRow struct {
-	country, region int32
-	hardLimit       int
-	// soft and weight are effective (0 counts as 1) and already converted,
-	// exactly as float64(int) would convert them in the formula.
-	soft, weight float64
-	healthy      bool
-}
-
-func prepare(bs []Backend) *prepared {
-	p := &prepared{rows: make([]scoreRow, len(bs)), keys: make(map[string]int32)}
-	intern := func(s string) int32 {
-		if s == "" {
-			return emptyKey
-		}
-		s = strings.ToLower(s)
-		k, ok := p.keys[s]
-		if !ok {
-			k = int32(len(p.keys) + 1)
-			p.keys[s] = k
-		}
-		return k
-	}
-	for i := range bs {
-		b := &bs[i]
-		p.rows[i] = scoreRow{
-			country:   intern(b.Country),
-			region:    intern(b.Region),
-			hardLimit: b.HardLimit,
-			soft:      float64(max(b.SoftLimit, 1)),
-			weight:    float64(max(b.Weight, 1)),
-			healthy:   b.Healthy,
-		}
-	}
-	return p
-}
-
-// prepared returns the scoring view; a Table assembled as a literal rather
-// than by LoadTable or NewTable gets one built on the spot.
-func (t *Table) prepared() *prepared {
-	if t.prep != nil && len(t.prep.rows) == len(t.Backends) {
-		return t.prep
-	}
-	return prepare(t.Backends)
-}
-
-// key finds s (any case) among the table's countries and regions without
-// allocating: the lower-cased copy lives on the stack, and a map index with
-// string(bytes) does not copy.
-func (p *prepared) key(s string) int32 {
-	if s == "" {
-		return noKey
-	}
-	var buf [64]byte
-	if len(s) > len(buf) {
-		return p.slowKey(s)
-	}
-	b := buf[:len(s)]
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 0x80:
-			// Non-ASCII: only strings.ToLower agrees with how keys were made.
-			return p.slowKey(s)
-		case 'A' <= c && c <= 'Z':
-			c += 'a' - 'A'
-		}
-		b[i] = c
-	}
-	if k, ok := p.keys[string(b)]; ok {
-		return k
-	}
-	return noKey
-}
-
-func (p *prepared) slowKey(s string) int32 {
-	if k, ok := p.keys[strings.ToLower(s)]; ok {
-		return k
-	}
-	return noKey
 }

@@ -619,6 +619,8 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 			src.armed, src.paused = false, true
 			src.settled = s & loader.FlowCountMask
 			p.watch(src.conn)
+			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
+				"socket", src.side(), "backlog", count-sent)
 			return
 		}
 		s = atomic.LoadUint64(src.state)
@@ -668,19 +670,22 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 	})
 }
 
+func (ep *endpoint) side() string {
+	if ep == &ep.conn.client {
+		return "client"
+	}
+	return "backend"
+}
+
 // describe is the endpoint's forwarding state, for debug logs.
 func (ep *endpoint) describe() string {
-	side := "backend"
-	if ep == &ep.conn.client {
-		side = "client"
-	}
 	var state uint64
 	if ep.state != nil {
 		state = atomic.LoadUint64(ep.state)
 	}
 	sent, _ := sentTo(ep)
 	return fmt.Sprintf("%s socket (armed=%v paused=%v eof=%v shut=%v settled=%d count=%d sent_to=%d pending=%d; peer eof=%v final=%d)",
-		side, ep.armed, ep.paused, ep.eof, ep.shut, ep.settled, state&loader.FlowCountMask, sent, len(ep.pending), ep.peer.eof, ep.peer.final)
+		ep.side(), ep.armed, ep.paused, ep.eof, ep.shut, ep.settled, state&loader.FlowCountMask, sent, len(ep.pending), ep.peer.eof, ep.peer.final)
 }
 
 func (ep *endpoint) settledTotal() uint64 {
