@@ -1,24 +1,58 @@
-# edgeproxy: `make` builds bin/edgeproxy; see README.md for the rest.
+# edgeproxy. `make` builds bin/edgeproxy. The README's two commands:
+#   sudo make demo   build, sample routing.db, three echo backends, edgeproxy on :8080
+#   sudo make test   unit tests and the privileged integration tests
 GO ?= go
 BPF_CLANG ?= clang-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror -mcpu=v3
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 BIN := bin/edgeproxy
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+TEST_TIMEOUT ?= 20m
 
-.PHONY: all build generate vmlinux test test-unit test-integration demo demo-stop bench lint geoip-update clean
+.PHONY: all build generate generate-check vmlinux deps test test-unit demo bench lint geoip-update install clean
 
 all: build
 
-build: $(BIN)
+build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/edgeproxy
 
-$(BIN): $(shell find . -name '*.go' -not -path './.git/*') loader/proxy_bpfel.o go.mod go.sum
-	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/edgeproxy
-
+# Regenerates loader/proxy_bpfel.{go,o} from bpf/ (needs clang-14 and
+# libbpf headers); the outputs are committed so `go build` needs no clang.
 generate:
 	cd loader && BPF_CLANG="$(BPF_CLANG)" BPF_CFLAGS="$(BPF_CFLAGS)" $(GO) generate ./...
 
+# Fails when the committed BPF objects do not match bpf/.
+generate-check: generate
+	git diff --exit-code -- loader/ || { echo "loader/ is stale: run 'make generate' and commit its output" >&2; exit 1; }
+
 vmlinux:
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > vmlinux.h
+
+# What the tests and the demo need on a fresh Debian/Ubuntu host.
+deps:
+	@bash scripts/deps.sh
+
+test: deps
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+test-unit:
+	$(GO) test -count=1 ./routing/ ./loader/ ./userspace/ ./cmd/...
+
+demo: deps build
+	bash scripts/demo.sh
+
+bench: build
+	bash scripts/bench.sh
+
+# gofmt, vet, staticcheck and the import boundaries of DESIGN.md.
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+	bash scripts/check-boundaries.sh
+
+geoip-update:
+	bash scripts/geoip-update.sh
 
 clean:
 	rm -rf bin

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The import rules of DESIGN.md, enforced: only loader/ imports cilium/ebpf,
+# and routing/ stays free of sockets, syscalls and BPF.
+set -euo pipefail
+mod=$(go list -m)
+fail=0
+for pkg in $(go list ./... | grep -v "^$mod/loader\$"); do
+	if go list -f '{{join .Imports "\n"}}' "$pkg" | grep -q '^github.com/cilium/ebpf'; then
+		echo "boundary: $pkg imports github.com/cilium/ebpf; only $mod/loader may" >&2
+		fail=1
+	fi
+done
+for imp in $(go list -f '{{join .Imports "\n"}}' "$mod/routing"); do
+	case "$imp" in
+	net | syscall | golang.org/x/sys/* | "$mod/loader" | github.com/cilium/ebpf*)
+		echo "boundary: $mod/routing imports $imp; routing must stay free of sockets, syscalls and BPF" >&2
+		fail=1
+		;;
+	esac
+done
+exit $fail
