@@ -45,6 +45,7 @@ type Balancer struct {
 	Geo         *routing.GeoSource // nil: clients have no country
 	LocalRegion string
 	Now         func() time.Time
+	Affinity    AffinityStore // nil: no affinity
 
 	mu       sync.Mutex // serializes decide+reserve so hard limits hold
 	byID     map[string]*backendState
@@ -123,12 +124,26 @@ func (b *Balancer) countReject(reason routing.RejectReason) {
 	c.(*atomic.Uint64).Add(1)
 }
 
-// Rejected returns how many clients were refused for reason.
-func (b *Balancer) Rejected(reason routing.RejectReason) uint64 {
-	if c, ok := b.rejected.Load(reason); ok {
-		return c.(*atomic.Uint64).Load()
+// RejectedCounts returns how many clients were refused, by reason; every
+// reason is present so metrics show zeros from the start.
+func (b *Balancer) RejectedCounts() map[string]uint64 {
+	out := map[string]uint64{}
+	for _, r := range []routing.RejectReason{routing.RejectTableEmpty, routing.RejectNoneHealthy, routing.RejectAllAtHardLimit} {
+		out[string(r)] = 0
 	}
-	return 0
+	b.rejected.Range(func(k, v any) bool {
+		out[string(k.(routing.RejectReason))] = v.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
+}
+
+// Bindings is the number of client affinity bindings held.
+func (b *Balancer) Bindings() int {
+	if b.Affinity == nil {
+		return 0
+	}
+	return b.Affinity.Len()
 }
 
 // BackendCounters is a point-in-time copy of one backend's counters.
@@ -152,4 +167,12 @@ func (b *Balancer) Counters() []BackendCounters {
 		}
 	}
 	return out
+}
+
+// AffinityStore keeps client -> backend bindings with their last use.
+type AffinityStore interface {
+	Lookup(client netip.Addr, now time.Time) (backendID string, ok bool)
+	Bind(client netip.Addr, backendID string, now time.Time) error
+	Forget(client netip.Addr) error
+	Len() int
 }

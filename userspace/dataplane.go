@@ -11,10 +11,11 @@ import (
 type Dataplane interface {
 	// Name is "sockmap" or "splice".
 	Name() string
-	// Serve accepts on ln until ctx ends, then closes ln and every
-	// connection it still holds. Serve owns ln and every connection it
-	// accepts: nothing else touches them.
-	Serve(ctx context.Context, ln *net.TCPListener) error
+	// Serve accepts on ln until accept ends; it then closes ln and lets
+	// established connections finish. When stop ends it resets those
+	// still open. It returns once every connection is gone. Serve owns ln
+	// and every connection it accepts: nothing else touches them.
+	Serve(accept, stop context.Context, ln *net.TCPListener) error
 	// Stats reports the plane's own counters for metrics and tests.
 	Stats() PlaneStats
 }

@@ -8,10 +8,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"os"
 	"syscall"
 	"time"
 
 	"github.com/edgeproxy/edgeproxy/loader"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/edgeproxy/edgeproxy/routing"
 )
 
@@ -28,6 +31,7 @@ type Config struct {
 	AdminAddr      string
 	PinPath        string
 	ConnectTimeout time.Duration
+	Drain          time.Duration // EDGEPROXY_DRAIN_SECS
 }
 
 // Proxy is a configured, listening edgeproxy.
@@ -42,6 +46,11 @@ type Proxy struct {
 	// DataplaneReason says why this data plane runs.
 	DataplaneReason string
 	closePlane      func() error
+	admin           *http.Server
+	adminLn         net.Listener
+	reloads         reloadLog
+	collectorErrors prometheus.Counter
+	extraCollectors []prometheus.Collector
 }
 
 // New opens the routing database and geo database, picks the data plane and
@@ -63,8 +72,19 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	p := &Proxy{cfg: cfg, log: log, store: store, geo: geo}
 	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now}
 
+	p.reloads.record(nil)
+	if cfg.AdminAddr != "" {
+		aln, err := net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			return nil, fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
+		}
+		p.adminLn = aln
+	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
+		if p.adminLn != nil {
+			p.adminLn.Close()
+		}
 		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
 	p.ln = ln.(*net.TCPListener)
@@ -72,7 +92,13 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	env := planeEnv{balancer: p.balancer, connectTimeout: cfg.ConnectTimeout, log: log, onClose: p.onClose}
 	if err := p.choosePlane(env); err != nil {
 		p.ln.Close()
+		if p.adminLn != nil {
+			p.adminLn.Close()
+		}
 		return nil, err
+	}
+	if p.adminLn != nil {
+		p.admin = p.newAdminServer()
 	}
 	return p, nil
 }
@@ -107,25 +133,74 @@ func (p *Proxy) Plane() Dataplane { return p.plane }
 // Balancer is the decision and counting front of the proxy.
 func (p *Proxy) Balancer() *Balancer { return p.balancer }
 
-// Run serves until ctx ends, then releases the data plane.
-func (p *Proxy) Run(ctx context.Context) error {
+// Run serves until told to stop. The first SIGTERM or SIGINT stops
+// accepting and lets established connections finish for up to
+// Config.Drain; a second one, or the end of the drain, closes the rest.
+// SIGHUP reloads the routing and geo databases at once.
+func (p *Proxy) Run(signals <-chan os.Signal) error {
 	p.log.Info("edgeproxy started",
 		"listen", p.ln.Addr().String(), "region", p.cfg.Region,
 		"dataplane", p.plane.Name(), "reason", p.DataplaneReason,
 		"db", p.cfg.DBPath, "geoip", p.geo.Current().Kind(),
-		"backends", len(p.store.Current().Backends))
-	watchCtx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	go p.store.Watch(watchCtx, 250*time.Millisecond, p.cfg.DBReload, p.onReload)
-	go p.refreshGeo(watchCtx)
+		"backends", len(p.store.Current().Backends), "admin", p.cfg.AdminAddr)
+	accept, stopAccepting := context.WithCancel(context.Background())
+	stop, stopAll := context.WithCancel(context.Background())
+	defer stopAll()
+	go p.store.Watch(stop, 250*time.Millisecond, p.cfg.DBReload, p.onReload)
+	go p.refreshGeo(stop)
+	if p.admin != nil {
+		go p.serveAdmin()
+	}
 
-	err := p.plane.Serve(ctx, p.ln)
+	served := make(chan error, 1)
+	go func() { served <- p.plane.Serve(accept, stop, p.ln) }()
+	var drainTimer <-chan time.Time
+	var err error
+loop:
+	for {
+		select {
+		case err = <-served:
+			break loop
+		case <-drainTimer:
+			p.log.Warn("drain time over, closing the remaining connections", "active", p.plane.Stats().Active)
+			stopAll()
+		case sig := <-signals:
+			switch {
+			case sig == syscall.SIGHUP:
+				p.reloadNow()
+			case accept.Err() == nil:
+				p.log.Info("draining: no new connections, waiting for established ones",
+					"signal", sig.String(), "active", p.plane.Stats().Active, "drain", p.cfg.Drain)
+				stopAccepting()
+				drainTimer = time.After(p.cfg.Drain)
+			default:
+				p.log.Warn("second stop signal, closing the remaining connections", "signal", sig.String(), "active", p.plane.Stats().Active)
+				stopAll()
+			}
+		}
+	}
+	stopAccepting()
+	stopAll()
+	if p.admin != nil {
+		p.admin.Close()
+	}
 	if p.closePlane != nil {
 		if cerr := p.closePlane(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("release data plane: %w", cerr))
 		}
 	}
+	p.log.Info("edgeproxy stopped")
 	return err
+}
+
+// reloadNow applies the routing and geo databases as they are on disk.
+func (p *Proxy) reloadNow() {
+	p.onReload(p.store.Reload())
+	if _, err := p.geo.Refresh(); err != nil {
+		p.log.Warn("geo database reload failed, keeping the previous one", "path", p.cfg.GeoIPPath, "err", err)
+	} else {
+		p.log.Info("geo database reloaded on SIGHUP", "geoip", p.geo.Current().Kind())
+	}
 }
 
 func (p *Proxy) refreshGeo(ctx context.Context) {
@@ -149,6 +224,7 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 	for _, re := range r.RowErrors {
 		p.log.Warn("routing row skipped", "err", re.Error())
 	}
+	p.reloads.record(r.Err)
 	if r.Err != nil {
 		p.log.Error("routing reload failed, keeping the last good table", "db", p.cfg.DBPath, "err", r.Err)
 		return

@@ -102,13 +102,17 @@ func (p *sockmapPlane) Stats() PlaneStats {
 	return st
 }
 
-func (p *sockmapPlane) Serve(ctx context.Context, ln *net.TCPListener) error {
+func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) error {
 	lnfd, err := dupListener(ln)
 	if err != nil {
 		return err
 	}
 	p.lnfd = lnfd
-	defer unix.Close(lnfd)
+	defer func() {
+		if p.lnfd >= 0 {
+			unix.Close(p.lnfd)
+		}
+	}()
 	if p.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		return fmt.Errorf("create epoll: %w", err)
 	}
@@ -122,14 +126,27 @@ func (p *sockmapPlane) Serve(ctx context.Context, ln *net.TCPListener) error {
 			return err
 		}
 	}
-	stop := context.AfterFunc(ctx, func() {
-		_, _ = unix.Write(p.wakefd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
-	})
-	defer stop()
+	wake := func() { _, _ = unix.Write(p.wakefd, []byte{1, 0, 0, 0, 0, 0, 0, 0}) }
+	defer context.AfterFunc(accept, wake)()
+	defer context.AfterFunc(stop, wake)()
 
 	events := make([]unix.EpollEvent, 256)
 	nextTick := time.Now().Add(p.tick)
-	for ctx.Err() == nil {
+	for {
+		if accept.Err() != nil && p.lnfd >= 0 {
+			// Draining: no new clients; established ones finish.
+			unix.Close(p.lnfd)
+			p.lnfd = -1
+		}
+		if stop.Err() != nil {
+			for c := range p.conns {
+				p.reset(c, "shutdown", "drain ended")
+			}
+			return nil
+		}
+		if p.lnfd < 0 && len(p.conns) == 0 {
+			return nil
+		}
 		timeout := -1
 		if len(p.conns) > 0 {
 			timeout = max(int(time.Until(nextTick)/time.Millisecond), 0)
@@ -146,10 +163,6 @@ func (p *sockmapPlane) Serve(ctx context.Context, ln *net.TCPListener) error {
 			nextTick = now.Add(p.tick)
 		}
 	}
-	for c := range p.conns {
-		p.reset(c, "shutdown", "proxy stopping")
-	}
-	return nil
 }
 
 // dupListener takes the listening socket out of the Go runtime's poller so
@@ -182,11 +195,11 @@ func (p *sockmapPlane) epollCtl(op, fd int, events uint32) error {
 }
 
 func (p *sockmapPlane) dispatch(fd int, events uint32) {
-	switch fd {
-	case p.lnfd:
+	switch {
+	case fd == p.lnfd && fd >= 0:
 		p.acceptRun()
 		return
-	case p.wakefd:
+	case fd == p.wakefd:
 		var b [8]byte
 		_, _ = unix.Read(p.wakefd, b[:])
 		return
@@ -371,6 +384,7 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 			n, err := unix.Write(dst.fd, src.pending)
 			if n > 0 {
 				src.pending = src.pending[n:]
+				countMoved(dst, n)
 			}
 			if errors.Is(err, unix.EAGAIN) {
 				p.wantWritable(dst, true)
@@ -427,6 +441,7 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 			p.reset(c, "reset", "write passed bytes")
 			return false
 		}
+		countMoved(dst, w)
 		if w < n {
 			src.pending = append(src.pending[:0], p.buf[w:n]...)
 		}
@@ -443,6 +458,7 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 			n, err := unix.Write(dst.fd, src.pending)
 			if n > 0 {
 				src.pending = src.pending[n:]
+				countMoved(dst, n)
 			}
 			if errors.Is(err, unix.EAGAIN) {
 				p.wantWritable(dst, true)
@@ -475,6 +491,7 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 			p.reset(c, "reset", "write copied bytes")
 			return false
 		}
+		countMoved(dst, w)
 		if w < n {
 			src.pending = append(src.pending[:0], p.buf[w:n]...)
 		}
@@ -552,6 +569,16 @@ func sentTo(ep *endpoint) (uint64, error) {
 		return 0, fmt.Errorf("outq: %w", err)
 	}
 	return info.Bytes_acked + uint64(outq) - ep.base, nil
+}
+
+// countMoved adds bytes userspace wrote to dst to its backend's counters.
+func countMoved(dst *endpoint, n int) {
+	st := dst.conn.lease.state
+	if dst == &dst.conn.backend {
+		st.bytesIn.Add(uint64(n))
+	} else {
+		st.bytesOut.Add(uint64(n))
+	}
 }
 
 func (p *sockmapPlane) wantWritable(ep *endpoint, want bool) {
@@ -723,4 +750,9 @@ func openSockmapPlane(env planeEnv, pinPath string) (Dataplane, func() error, er
 		return nil, nil, err
 	}
 	return newSockmapPlane(env, maps), maps.Close, nil
+}
+
+// KernelBytes is what the verdict redirected for one backend.
+func (p *sockmapPlane) KernelBytes(backend uint32) (toBackend, toClient uint64, err error) {
+	return p.maps.BackendBytes(backend)
 }

@@ -30,16 +30,17 @@ func (p *splicePlane) Name() string { return "splice" }
 
 func (p *splicePlane) Stats() PlaneStats { return PlaneStats{Active: int(p.active.Load())} }
 
-func (p *splicePlane) Serve(ctx context.Context, ln *net.TCPListener) error {
+func (p *splicePlane) Serve(accept, stop context.Context, ln *net.TCPListener) error {
 	var wg sync.WaitGroup
 	conns := newConnSet()
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
+	stopAccept := context.AfterFunc(accept, func() { ln.Close() })
+	defer stopAccept()
+	stopAll := context.AfterFunc(stop, conns.closeAll)
+	defer stopAll()
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
-			if ctx.Err() != nil {
-				conns.closeAll()
+			if accept.Err() != nil {
 				wg.Wait()
 				return nil
 			}
@@ -58,7 +59,7 @@ func (p *splicePlane) Serve(ctx context.Context, ln *net.TCPListener) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p.handle(ctx, c, conns)
+			p.handle(stop, c, conns)
 		}()
 	}
 }

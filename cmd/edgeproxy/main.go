@@ -38,6 +38,7 @@ func newRootCommand(lookupEnv func(string) (string, bool)) *cobra.Command {
 	root.AddCommand(
 		newRunCommand(env{lookupEnv}),
 		newDBCommand(env{lookupEnv}),
+		newStatusCommand(env{lookupEnv}),
 		newEchoBackendCommand(),
 		newVersionCommand(),
 	)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -15,7 +14,7 @@ import (
 
 func newRunCommand(e env) *cobra.Command {
 	var cfg userspace.Config
-	var reloadSecs, ttlSecs, gcSecs, connectMS int
+	var reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs int
 	var debug bool
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -36,6 +35,7 @@ func newRunCommand(e env) *cobra.Command {
 				{"binding-ttl-secs", "EDGEPROXY_BINDING_TTL_SECS", 600, &ttlSecs, false},
 				{"binding-gc-interval-secs", "EDGEPROXY_BINDING_GC_INTERVAL_SECS", 60, &gcSecs, false},
 				{"connect-timeout-ms", "EDGEPROXY_CONNECT_TIMEOUT_MS", 2000, &connectMS, true},
+				{"drain-secs", "EDGEPROXY_DRAIN_SECS", 30, &drainSecs, false},
 			}
 			for _, d := range durations {
 				if flags.Changed(d.flag) {
@@ -82,6 +82,7 @@ func newRunCommand(e env) *cobra.Command {
 			cfg.BindingTTL = secs(ttlSecs)
 			cfg.BindingGC = secs(gcSecs)
 			cfg.ConnectTimeout = millis(connectMS)
+			cfg.Drain = secs(drainSecs)
 
 			level := slog.LevelInfo
 			if debug {
@@ -93,9 +94,10 @@ func newRunCommand(e env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-			defer stop()
-			return proxy.Run(ctx)
+			signals := make(chan os.Signal, 4)
+			signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+			defer signal.Stop(signals)
+			return proxy.Run(signals)
 		},
 	}
 	f := cmd.Flags()
@@ -110,6 +112,7 @@ func newRunCommand(e env) *cobra.Command {
 	f.IntVar(&ttlSecs, "binding-ttl-secs", 0, "affinity lifetime since last use (EDGEPROXY_BINDING_TTL_SECS, default 600)")
 	f.IntVar(&gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
 	f.IntVar(&connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
+	f.IntVar(&drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
 	f.BoolVar(&debug, "debug", false, "debug logging (DEBUG)")
 	return cmd
 }

@@ -153,6 +153,7 @@ func (p *proxyProc) start(t testing.TB, ns *nettest.NS, env []string) {
 		"EDGEPROXY_BPF_PIN_PATH="+p.PinPath,
 		"EDGEPROXY_ADMIN_ADDR=",
 		"EDGEPROXY_CONNECT_TIMEOUT_MS=1000",
+		"EDGEPROXY_DRAIN_SECS=2",
 		// EDGEPROXY_TEST_DEBUG=1 go test ... shows the proxy's debug log
 		// of failed tests.
 		"DEBUG="+os.Getenv("EDGEPROXY_TEST_DEBUG"),
