@@ -1,6 +1,9 @@
 package routing
 
-import "net/netip"
+import (
+	"math/bits"
+	"net/netip"
+)
 
 // Client is what routing knows about the source of a connection.
 type Client struct {
@@ -90,6 +93,28 @@ func (p *prepared) query(in *Input) query {
 	}
 }
 
+// unhealthyTier files unhealthy backends in Pick's small-table bitmaps.
+const unhealthyTier = GeoElsewhere + 1
+
+// tier is geo written so that it compiles to conditional moves (best match
+// assigned last), or unhealthyTier for an unhealthy backend.
+func (q query) tier(r *scoreRow) int {
+	t := GeoElsewhere
+	if r.region == q.local {
+		t = GeoLocalRegion
+	}
+	if r.region == q.region {
+		t = GeoSameRegion
+	}
+	if r.country == q.country {
+		t = GeoSameCountry
+	}
+	if !r.healthy {
+		t = unhealthyTier
+	}
+	return t
+}
+
 // geo is the tier of a backend for this query. A backend's empty name
 // (emptyName) never equals a client's empty or unknown one (unknownName).
 func (q query) geo(r *scoreRow) int {
@@ -161,37 +186,25 @@ func Pick(in Input, t *Table) (winner int, sticky bool, reject RejectReason) {
 		return pk.pickIndexed(p, q, len(t.Backends))
 	}
 
-	// A small table: one pass of integer compares finds the best tier
-	// present and its backends; only those have their live counts read.
-	var tierBest [indexedTableMin]uint8
-	n, minTier := 0, GeoElsewhere+1
+	// A small table: one branch-free pass files each healthy backend under
+	// its tier in a bitmap (branches here would mispredict on every client
+	// whose geography differs from the last), then tiers are visited best
+	// first and only their backends have live counts read.
+	var tiers [8]uint32 // [tier] bit i: backend i; [unhealthyTier]: ignored
 	for i := range pk.rows {
-		r := &pk.rows[i]
-		if !r.healthy {
-			continue
+		tiers[q.tier(&pk.rows[i])&7] |= 1 << i
+	}
+	for tier := range GeoElsewhere + 1 {
+		for m := tiers[tier]; m != 0; m &= m - 1 {
+			pk.consider(bits.TrailingZeros32(m), tier)
 		}
-		switch geo := q.geo(r); {
-		case geo < minTier:
-			minTier, n = geo, 0
-			fallthrough
-		case geo == minTier:
-			tierBest[n] = uint8(i)
-			n++
+		// Every backend not visited yet is in a tier above this one.
+		if pk.best >= 0 && pk.score < float64((tier+1)*100) {
+			break
 		}
 	}
-	for _, i := range tierBest[:n] {
-		pk.consider(int(i), minTier)
-	}
-	if pk.best < 0 || pk.score >= float64((minTier+1)*100) {
-		// The best tier is full or overloaded past the next tier's floor
-		// (rare): look at everyone.
-		for i := range pk.rows {
-			if r := &pk.rows[i]; r.healthy {
-				pk.consider(i, q.geo(r))
-			}
-		}
-	}
-	return pk.result(len(t.Backends), minTier <= GeoElsewhere)
+	sawHealthy := tiers[0]|tiers[1]|tiers[2]|tiers[3] != 0
+	return pk.result(len(t.Backends), sawHealthy)
 }
 
 // pickIndexed visits the client's country, then its region, then this POP's

@@ -473,7 +473,7 @@ func equalFold(a, b string) bool {
 
 func TestPickAgreesWithExplainOnRandomTables(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	regions := []string{"sa", "us", "eu", "ap", "", "SA"}
+	regions := []string{"sa", "us", "eu", "ap", "", "SA", "eu-west-paris", "EU-West-Paris"}
 	countries := []string{"BR", "AR", "US", "FR", "DE", "JP", "", "fr"}
 	pickFrom := func(s []string) string { return s[rng.IntN(len(s))] }
 	for iter := range 20000 {
@@ -568,5 +568,24 @@ func TestVersionFollowsContent(t *testing.T) {
 	}
 	if t4 := mustTable(t, bs[:1], "b"); t4.Version == t1.Version {
 		t.Error("deleted row, same version")
+	}
+}
+
+func TestPickWithLongNamesDoesNotAllocate(t *testing.T) {
+	bs := []Backend{
+		backend("a", "south-america-east", "BR"),
+		backend("b", "europe-west-paris", "FR"),
+	}
+	tbl := mustTable(t, bs)
+	in := Input{Client: Client{Country: "FR", Region: "Europe-West-Paris"}, LocalRegion: "SOUTH-AMERICA-EAST"}
+	if w, _, _ := Pick(in, tbl); w != 1 {
+		t.Errorf("winner %d, want 1 (same country)", w)
+	}
+	in.Client.Country = ""
+	if w, _, _, d := pickBoth(t, in, tbl); w != "b" || d.Candidates[1].Geo != GeoSameRegion || d.Candidates[0].Geo != GeoLocalRegion {
+		t.Errorf("winner %q, candidates %+v", w, d.Candidates)
+	}
+	if n := testing.AllocsPerRun(100, func() { Pick(in, tbl) }); n != 0 {
+		t.Errorf("Pick allocates %v times per call with long region names", n)
 	}
 }
