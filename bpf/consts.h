@@ -10,6 +10,13 @@
 /* Backends the byte counters have room for; routing refuses more. */
 #define MAX_BACKENDS 4096
 
+/* Client IPs the affinity map remembers; the least recently used are
+ * evicted beyond this. */
+#define MAX_AFFINITY (1 << 20)
+
+/* Longest backend id kept in the backends and affinity maps. */
+#define BACKEND_ID_LEN 48
+
 /* flow.state: the top bit says the direction is armed (bytes are redirected
  * to the peer); the other 63 bits count every byte the verdict has seen on
  * this socket, redirected or passed. */

@@ -49,3 +49,23 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } verdicts SEC(".maps");
+
+/* backend slot -> backend; written by userspace on every routing reload
+ * and on every connection open and close (the active count, via mmap). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend_info);
+} backends SEC(".maps");
+
+/* client address -> binding; written by userspace when a client is routed,
+ * swept by userspace once a binding outlives its TTL. Survives restarts:
+ * a new process reuses the pinned map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_AFFINITY);
+	__type(key, struct client_key);
+	__type(value, struct binding);
+} affinity SEC(".maps");

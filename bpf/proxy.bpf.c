@@ -9,7 +9,7 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-/* Keeps the enum in BTF so bpf2go generates its Go constants. */
+/* Keep these types in BTF so bpf2go generates their Go twins. */
 const enum verdict_reason *unused_verdict_reason __attribute__((unused));
 
 static __always_inline void count_verdict(enum verdict_reason reason)

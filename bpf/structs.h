@@ -15,3 +15,31 @@ struct pairing {
 struct flow {
 	__u64 state; /* FLOW_ARMED | count of bytes seen by the verdict */
 };
+
+/* One backend of the routing table the proxy is using, at its stable slot.
+ * An mmapable array: userspace stores the live connection count with no
+ * system call, and bpftool shows the table as the proxy sees it. */
+struct backend_info {
+	char id[BACKEND_ID_LEN];   /* empty: slot unused (backend deleted) */
+	__u8 addr[16];             /* IPv6, or IPv4 as ::ffff:a.b.c.d */
+	__u16 port;
+	__u8 healthy;
+	__u8 _pad0;
+	__u32 weight;
+	__u32 soft_limit;
+	__u32 hard_limit;
+	__u32 active;              /* connections open or being dialled */
+	__u32 _pad1;
+};
+
+/* A client address: IPv6, or IPv4 as ::ffff:a.b.c.d, so a mapped address
+ * and its IPv4 form are the same client. */
+struct client_key {
+	__u8 addr[16];
+};
+
+/* Where a client is bound and when the binding was last used. */
+struct binding {
+	char backend_id[BACKEND_ID_LEN];
+	__u64 last_used_unix_ns;
+};

@@ -13,6 +13,31 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type proxyBackendInfo struct {
+	_         structs.HostLayout
+	Id        [48]int8
+	Addr      [16]uint8
+	Port      uint16
+	Healthy   uint8
+	Pad0      uint8
+	Weight    uint32
+	SoftLimit uint32
+	HardLimit uint32
+	Active    uint32
+	Pad1      uint32
+}
+
+type proxyBinding struct {
+	_              structs.HostLayout
+	BackendId      [48]int8
+	LastUsedUnixNs uint64
+}
+
+type proxyClientKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+}
+
 type proxyFlow struct {
 	_     structs.HostLayout
 	State uint64
@@ -41,7 +66,9 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	proxyMapAffinity            = "affinity"
 	proxyMapBackendBytes        = "backend_bytes"
+	proxyMapBackends            = "backends"
 	proxyMapFlows               = "flows"
 	proxyMapPairings            = "pairings"
 	proxyMapSockets             = "sockets"
@@ -99,7 +126,9 @@ type proxyProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type proxyMapSpecs struct {
+	Affinity     *ebpf.MapSpec `ebpf:"affinity"`
 	BackendBytes *ebpf.MapSpec `ebpf:"backend_bytes"`
+	Backends     *ebpf.MapSpec `ebpf:"backends"`
 	Flows        *ebpf.MapSpec `ebpf:"flows"`
 	Pairings     *ebpf.MapSpec `ebpf:"pairings"`
 	Sockets      *ebpf.MapSpec `ebpf:"sockets"`
@@ -133,7 +162,9 @@ func (o *proxyObjects) Close() error {
 //
 // It can be passed to loadProxyObjects or ebpf.CollectionSpec.LoadAndAssign.
 type proxyMaps struct {
+	Affinity     *ebpf.Map `ebpf:"affinity"`
 	BackendBytes *ebpf.Map `ebpf:"backend_bytes"`
+	Backends     *ebpf.Map `ebpf:"backends"`
 	Flows        *ebpf.Map `ebpf:"flows"`
 	Pairings     *ebpf.Map `ebpf:"pairings"`
 	Sockets      *ebpf.Map `ebpf:"sockets"`
@@ -142,7 +173,9 @@ type proxyMaps struct {
 
 func (m *proxyMaps) Close() error {
 	return _ProxyClose(
+		m.Affinity,
 		m.BackendBytes,
+		m.Backends,
 		m.Flows,
 		m.Pairings,
 		m.Sockets,

@@ -55,11 +55,12 @@ type Pair struct {
 // Sockmap is the loaded data plane: the verdict program attached to the
 // sockhash, and the maps pinned under PinPath.
 type Sockmap struct {
-	PinPath string
-	objs    proxyObjects
-	flows   []byte // mmap of the flows array
-	slots   int
-	lock    *os.File
+	PinPath  string
+	objs     proxyObjects
+	flows    []byte // mmap of the flows array
+	backends []byte // mmap of the backends array
+	slots    int
+	lock     *os.File
 }
 
 // perRunMaps hold state that means nothing once this process is gone (its
@@ -71,6 +72,7 @@ func (o *proxyObjects) perRunMaps() map[string]*ebpf.Map {
 		"flows":         o.Flows,
 		"backend_bytes": o.BackendBytes,
 		"verdicts":      o.Verdicts,
+		"backends":      o.Backends,
 	}
 }
 
@@ -118,8 +120,17 @@ func load(pinPath string) (*Sockmap, error) {
 	for _, name := range []string{"sockets", "pairings", "flows"} {
 		spec.Maps[name].MaxEntries = uint32(slots)
 	}
+	affinity, err := reusableAffinity(spec, pinPath)
+	if err != nil {
+		return nil, err
+	}
+	opts := &ebpf.CollectionOptions{}
+	if affinity != nil {
+		opts.MapReplacements = map[string]*ebpf.Map{"affinity": affinity}
+		defer affinity.Close()
+	}
 	var objs proxyObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, opts); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
 			return nil, fmt.Errorf("load BPF objects: %+v", verr)
@@ -144,6 +155,16 @@ func load(pinPath string) (*Sockmap, error) {
 		return fail(fmt.Errorf("mmap flows map: %w", err))
 	}
 	s.flows = mem
+	size = pageAlign(MaxBackends * int(unsafe.Sizeof(proxyBackendInfo{})))
+	if s.backends, err = unix.Mmap(objs.Backends.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
+		return fail(fmt.Errorf("mmap backends map: %w", err))
+	}
+	if affinity == nil {
+		path := filepath.Join(pinPath, "affinity")
+		if err := objs.Affinity.Pin(path); err != nil {
+			return fail(fmt.Errorf("pin %s: %w", path, err))
+		}
+	}
 	for name, m := range objs.perRunMaps() {
 		path := filepath.Join(pinPath, name)
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -171,15 +192,18 @@ func pageAlign(n int) int {
 }
 
 func (s *Sockmap) closeObjects() {
-	if s.flows != nil {
-		_ = unix.Munmap(s.flows)
-		s.flows = nil
+	for _, mem := range []*[]byte{&s.flows, &s.backends} {
+		if *mem != nil {
+			_ = unix.Munmap(*mem)
+			*mem = nil
+		}
 	}
 	s.objs.Close()
 }
 
-// Close unpins the per-run maps and releases the program. Sockets still
-// paired keep their splice until they close.
+// Close unpins the per-run maps and releases the program; the affinity map
+// stays pinned for the next process. Sockets still paired keep their
+// splice until they close.
 func (s *Sockmap) Close() error {
 	var errs []error
 	for name, m := range s.objs.perRunMaps() {

@@ -1,11 +1,14 @@
 package userspace
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/edgeproxy/edgeproxy/loader"
 	"github.com/edgeproxy/edgeproxy/routing"
 )
 
@@ -28,13 +31,17 @@ type Lease struct {
 	Backend  routing.Backend
 	Sticky   bool
 	state    *backendState
+	balancer *Balancer
 	released atomic.Bool
 }
 
 // Release frees the lease's slot. Safe to call more than once.
 func (l *Lease) Release() {
 	if l.released.CompareAndSwap(false, true) {
-		l.state.active.Add(-1)
+		active := l.state.active.Add(-1)
+		if l.balancer != nil && l.balancer.Mirror != nil {
+			l.balancer.Mirror.StoreActive(l.state.index, uint32(max(active, 0)))
+		}
 	}
 }
 
@@ -46,6 +53,11 @@ type Balancer struct {
 	LocalRegion string
 	Now         func() time.Time
 	Affinity    AffinityStore // nil: no affinity
+	BindingTTL  time.Duration
+	Mirror      BackendMirror // nil: no BPF backends map
+
+	bindings       atomic.Int64 // bindings held: counted at each sweep, plus new ones since
+	affinityErrors atomic.Uint64
 
 	mu       sync.Mutex // serializes decide+reserve so hard limits hold
 	byID     map[string]*backendState
@@ -96,27 +108,55 @@ func (b *Balancer) Client(addr netip.Addr) routing.Client {
 	return c
 }
 
-// Acquire decides where the client goes and reserves a slot there.
+// Acquire decides where the client goes and reserves a slot there. A
+// client bound to a backend that is still eligible stays with it.
 func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
+	client = client.Unmap()
 	c := b.Client(client)
+	now := b.Now()
+	var bound string
+	var lastUsed time.Time
+	if b.Affinity != nil {
+		id, last, ok, err := b.Affinity.Lookup(client)
+		if err != nil {
+			b.affinityErrors.Add(1)
+		} else if ok && now.Sub(last) <= b.BindingTTL {
+			bound, lastUsed = id, last
+		}
+	}
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	t := b.Store.Current()
 	v := b.viewFor(t)
 	in := routing.Input{
 		Client:      c,
 		LocalRegion: b.LocalRegion,
 		Active:      func(i int) int { return int(v.states[i].active.Load()) },
+		BoundID:     bound,
 	}
 	winner, sticky, reject := routing.Pick(in, t)
 	if winner < 0 {
+		b.mu.Unlock()
 		b.countReject(reject)
 		return nil, reject
 	}
 	st := v.states[winner]
-	st.active.Add(1)
+	active := st.active.Add(1)
 	st.total.Add(1)
-	return &Lease{Backend: t.Backends[winner], Sticky: sticky, state: st}, ""
+	b.mu.Unlock()
+	if b.Mirror != nil {
+		b.Mirror.StoreActive(st.index, uint32(active))
+	}
+	lease := &Lease{Backend: t.Backends[winner], Sticky: sticky, state: st, balancer: b}
+	// Refreshing costs a map write; a binding used within the last second
+	// is fresh enough for any TTL measured in seconds.
+	if b.Affinity != nil && (!sticky || now.Sub(lastUsed) > time.Second) {
+		if err := b.Affinity.Bind(client, lease.Backend.ID, now); err != nil {
+			b.affinityErrors.Add(1)
+		} else if !sticky && bound == "" {
+			b.bindings.Add(1)
+		}
+	}
+	return lease, ""
 }
 
 func (b *Balancer) countReject(reason routing.RejectReason) {
@@ -138,12 +178,58 @@ func (b *Balancer) RejectedCounts() map[string]uint64 {
 	return out
 }
 
-// Bindings is the number of client affinity bindings held.
+// Bindings is the number of client affinity bindings held: exact after
+// each sweep, then counting new bindings (LRU evictions show at the next).
 func (b *Balancer) Bindings() int {
-	if b.Affinity == nil {
-		return 0
+	return int(b.bindings.Load())
+}
+
+// Refresh aligns live state with the current routing table and writes it
+// to the BPF backends map, so bpftool shows a reload at once.
+func (b *Balancer) Refresh() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	v := b.viewFor(b.Store.Current())
+	if b.Mirror == nil {
+		return nil
 	}
-	return b.Affinity.Len()
+	present := make(map[uint32]bool, len(v.states))
+	var errs []error
+	for i, st := range v.states {
+		be := &v.table.Backends[i]
+		present[st.index] = true
+		if err := b.Mirror.SetBackend(st.index, loader.BackendInfo{
+			ID: be.ID, Addr: be.Addr, Port: be.Port, Healthy: be.Healthy,
+			Weight: uint32(be.Weight), SoftLimit: uint32(be.SoftLimit), HardLimit: uint32(be.HardLimit),
+		}); err != nil {
+			errs = append(errs, err)
+		}
+		b.Mirror.StoreActive(st.index, uint32(max(st.active.Load(), 0)))
+	}
+	for _, st := range b.byID {
+		if !present[st.index] {
+			b.Mirror.ClearBackend(st.index)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SweepBindings expires bindings unused for longer than the TTL and drops
+// those whose backend is no longer eligible (deleted or unhealthy).
+func (b *Balancer) SweepBindings() (removed int, err error) {
+	if b.Affinity == nil {
+		return 0, nil
+	}
+	now := b.Now()
+	t := b.Store.Current()
+	remaining, removed, err := b.Affinity.Sweep(func(id string, lastUsed time.Time) bool {
+		i := t.Index(id)
+		return now.Sub(lastUsed) <= b.BindingTTL && i >= 0 && t.Backends[i].Healthy
+	})
+	if err == nil {
+		b.bindings.Store(int64(remaining))
+	}
+	return removed, err
 }
 
 // BackendCounters is a point-in-time copy of one backend's counters.
@@ -169,10 +255,73 @@ func (b *Balancer) Counters() []BackendCounters {
 	return out
 }
 
-// AffinityStore keeps client -> backend bindings with their last use.
+// AffinityStore keeps client -> backend bindings with their last use: the
+// pinned BPF map where BPF is usable, memory otherwise.
 type AffinityStore interface {
-	Lookup(client netip.Addr, now time.Time) (backendID string, ok bool)
+	Lookup(client netip.Addr) (backendID string, lastUsed time.Time, ok bool, err error)
 	Bind(client netip.Addr, backendID string, now time.Time) error
 	Forget(client netip.Addr) error
-	Len() int
+	Sweep(keep func(backendID string, lastUsed time.Time) bool) (remaining, removed int, err error)
+}
+
+// memoryAffinity is the AffinityStore of hosts without BPF; bindings do
+// not survive a restart there.
+type memoryAffinity struct {
+	mu sync.Mutex
+	m  map[netip.Addr]memoryBinding
+}
+
+type memoryBinding struct {
+	id       string
+	lastUsed time.Time
+}
+
+func newMemoryAffinity() *memoryAffinity { return &memoryAffinity{m: map[netip.Addr]memoryBinding{}} }
+
+func (a *memoryAffinity) Lookup(client netip.Addr) (string, time.Time, bool, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	b, ok := a.m[client.Unmap()]
+	return b.id, b.lastUsed, ok, nil
+}
+
+func (a *memoryAffinity) Bind(client netip.Addr, id string, now time.Time) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.m) >= loader.MaxAffinity {
+		if _, ok := a.m[client.Unmap()]; !ok {
+			return fmt.Errorf("bind %s: %d bindings held, the most this proxy keeps", client, loader.MaxAffinity)
+		}
+	}
+	a.m[client.Unmap()] = memoryBinding{id: id, lastUsed: now}
+	return nil
+}
+
+func (a *memoryAffinity) Forget(client netip.Addr) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.m, client.Unmap())
+	return nil
+}
+
+func (a *memoryAffinity) Sweep(keep func(string, time.Time) bool) (remaining, removed int, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for k, b := range a.m {
+		if keep(b.id, b.lastUsed) {
+			remaining++
+		} else {
+			delete(a.m, k)
+			removed++
+		}
+	}
+	return remaining, removed, nil
+}
+
+// BackendMirror is where the backend table is shown to operators: the BPF
+// backends map on Linux with BPF.
+type BackendMirror interface {
+	SetBackend(index uint32, b loader.BackendInfo) error
+	ClearBackend(index uint32)
+	StoreActive(index uint32, active uint32)
 }

@@ -70,7 +70,7 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		return nil, fmt.Errorf("open geo database: %w", err)
 	}
 	p := &Proxy{cfg: cfg, log: log, store: store, geo: geo}
-	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now}
+	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now, BindingTTL: cfg.BindingTTL}
 
 	p.reloads.record(nil)
 	if cfg.AdminAddr != "" {
@@ -103,24 +103,34 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	return p, nil
 }
 
+// choosePlane loads the BPF state where BPF is usable (it also holds the
+// backends and affinity maps operators inspect) and picks the data plane.
 func (p *Proxy) choosePlane(env planeEnv) error {
-	if p.cfg.Dataplane == "splice" {
-		p.plane, p.DataplaneReason = newSplicePlane(env), "requested with EDGEPROXY_DATAPLANE=splice"
-		return nil
+	maps, err := loader.Open(p.cfg.PinPath)
+	if err != nil && (p.cfg.Dataplane == "sockmap" || errors.Is(err, loader.ErrAlreadyLoaded)) {
+		return fmt.Errorf("data plane sockmap: %w", err)
 	}
-	plane, closeFn, err := openSockmapPlane(env, p.cfg.PinPath)
-	if err == nil {
-		p.plane, p.closePlane = plane, closeFn
+	if maps != nil {
+		p.closePlane = maps.Close
+		p.balancer.Affinity, p.balancer.Mirror = maps.Affinity(), maps
+	} else {
+		p.balancer.Affinity = newMemoryAffinity()
+	}
+	if p.cfg.BindingTTL <= 0 {
+		p.balancer.Affinity = nil // EDGEPROXY_BINDING_TTL_SECS=0: no affinity
+	}
+	switch {
+	case p.cfg.Dataplane == "splice":
+		p.plane, p.DataplaneReason = newSplicePlane(env), "requested with EDGEPROXY_DATAPLANE=splice"
+	case maps != nil:
+		p.plane = newSockmapPlane(env, maps)
 		p.DataplaneReason = "BPF probe passed; maps pinned at " + p.cfg.PinPath
 		if p.cfg.Dataplane == "sockmap" {
 			p.DataplaneReason = "requested with EDGEPROXY_DATAPLANE=sockmap; maps pinned at " + p.cfg.PinPath
 		}
-		return nil
+	default:
+		p.plane, p.DataplaneReason = newSplicePlane(env), "sockmap unusable: "+err.Error()
 	}
-	if p.cfg.Dataplane == "sockmap" || errors.Is(err, loader.ErrAlreadyLoaded) {
-		return fmt.Errorf("data plane sockmap: %w", err)
-	}
-	p.plane, p.DataplaneReason = newSplicePlane(env), "sockmap unusable: "+err.Error()
 	return nil
 }
 
@@ -146,8 +156,15 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	accept, stopAccepting := context.WithCancel(context.Background())
 	stop, stopAll := context.WithCancel(context.Background())
 	defer stopAll()
-	go p.store.Watch(stop, 250*time.Millisecond, p.cfg.DBReload, p.onReload)
+	for _, re := range p.store.RowErrors() {
+		p.log.Warn("routing row skipped", "err", re.Error())
+	}
+	if err := p.balancer.Refresh(); err != nil {
+		p.log.Warn("cannot mirror the backend table into BPF", "err", err)
+	}
+	go p.store.Watch(stop, routing.DefaultPoll, p.cfg.DBReload, p.onReload)
 	go p.refreshGeo(stop)
+	go p.sweepBindings(stop)
 	if p.admin != nil {
 		go p.serveAdmin()
 	}
@@ -229,7 +246,34 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 		p.log.Error("routing reload failed, keeping the last good table", "db", p.cfg.DBPath, "err", r.Err)
 		return
 	}
+	if err := p.balancer.Refresh(); err != nil {
+		p.log.Warn("cannot mirror the backend table into BPF", "err", err)
+	}
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
+}
+
+func (p *Proxy) sweepBindings(ctx context.Context) {
+	if p.balancer.Affinity == nil || p.cfg.BindingGC <= 0 {
+		return
+	}
+	if _, err := p.balancer.SweepBindings(); err != nil {
+		p.log.Warn("affinity sweep failed", "err", err)
+	}
+	t := time.NewTicker(p.cfg.BindingGC)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			removed, err := p.balancer.SweepBindings()
+			if err != nil {
+				p.log.Warn("affinity sweep failed", "err", err)
+				continue
+			}
+			p.log.Debug("affinity swept", "removed", removed, "remaining", p.balancer.Bindings())
+		}
+	}
 }
 
 func (p *Proxy) onClose(s ConnSummary) {

@@ -744,14 +744,6 @@ func addrPortSockaddr(ap netip.AddrPort) unix.Sockaddr {
 	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
 }
 
-func openSockmapPlane(env planeEnv, pinPath string) (Dataplane, func() error, error) {
-	maps, err := loader.Open(pinPath)
-	if err != nil {
-		return nil, nil, err
-	}
-	return newSockmapPlane(env, maps), maps.Close, nil
-}
-
 // KernelBytes is what the verdict redirected for one backend.
 func (p *sockmapPlane) KernelBytes(backend uint32) (toBackend, toClient uint64, err error) {
 	return p.maps.BackendBytes(backend)

@@ -39,6 +39,8 @@ func newRootCommand(lookupEnv func(string) (string, bool)) *cobra.Command {
 		newRunCommand(env{lookupEnv}),
 		newDBCommand(env{lookupEnv}),
 		newStatusCommand(env{lookupEnv}),
+		newRouteCommand(env{lookupEnv}),
+		newGeoCommand(env{lookupEnv}),
 		newEchoBackendCommand(),
 		newVersionCommand(),
 	)
