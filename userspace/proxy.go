@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/edgeproxy/edgeproxy/loader"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/edgeproxy/edgeproxy/routing"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Config is everything `edgeproxy run` takes from flags and environment.
