@@ -70,7 +70,7 @@ type backendRow struct {
 
 func writeDB(t testing.TB, path string, rows []backendRow) {
 	t.Helper()
-	db, err := sql.Open("sqlite", path)
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)")
 	if err != nil {
 		t.Fatalf("open %s: %v", path, err)
 	}
