@@ -29,6 +29,7 @@ type backendState struct {
 // hard limit; Release gives it back exactly once.
 type Lease struct {
 	Backend  routing.Backend
+	Client   routing.Client
 	Sticky   bool
 	state    *backendState
 	balancer *Balancer
@@ -146,7 +147,7 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 	if b.Mirror != nil {
 		b.Mirror.StoreActive(st.index, uint32(active))
 	}
-	lease := &Lease{Backend: t.Backends[winner], Sticky: sticky, state: st, balancer: b}
+	lease := &Lease{Backend: t.Backends[winner], Client: c, Sticky: sticky, state: st, balancer: b}
 	// Refreshing costs a map write; a binding used within the last second
 	// is fresh enough for any TTL measured in seconds.
 	if b.Affinity != nil && (!sticky || now.Sub(lastUsed) > time.Second) {
@@ -324,4 +325,24 @@ type BackendMirror interface {
 	SetBackend(index uint32, b loader.BackendInfo) error
 	ClearBackend(index uint32)
 	StoreActive(index uint32, active uint32)
+}
+
+// ScoreOf recomputes the winning score of a lease for debug logs; it costs
+// a full explanation, so callers only ask when debug logging is on.
+func (b *Balancer) ScoreOf(l *Lease) float64 {
+	t := b.Store.Current()
+	b.mu.Lock()
+	v := b.viewFor(t)
+	b.mu.Unlock()
+	d := routing.Explain(routing.Input{
+		Client:      l.Client,
+		LocalRegion: b.LocalRegion,
+		Active:      func(i int) int { return int(v.states[i].active.Load()) },
+	}, t)
+	for _, c := range d.Candidates {
+		if t.Backends[c.Index].ID == l.Backend.ID {
+			return c.Score
+		}
+	}
+	return -1
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/netip"
 	"time"
 )
 
@@ -38,12 +39,22 @@ type planeEnv struct {
 	onClose func(ConnSummary)
 }
 
+// logOpen writes the debug line of a routed connection.
+func (e planeEnv) logOpen(plane string, client netip.AddrPort, l *Lease) {
+	if !e.log.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	e.log.Debug("connection opened", "client", client, "country", l.Client.Country, "region", l.Client.Region,
+		"backend", l.Backend.ID, "score", e.balancer.ScoreOf(l), "sticky", l.Sticky, "dataplane", plane)
+}
+
 // ConnSummary describes one finished connection for logs and metrics.
 type ConnSummary struct {
-	Client   string
-	Backend  string
-	BytesIn  uint64 // client to backend
-	BytesOut uint64 // backend to client
-	Duration time.Duration
-	End      string // "closed", "reset", "connect_failed", "shutdown"
+	Client    string
+	Backend   string
+	BytesIn   uint64 // client to backend
+	BytesOut  uint64 // backend to client
+	Duration  time.Duration
+	End       string // "closed", "reset", "connect_failed", "shutdown"
+	Dataplane string
 }

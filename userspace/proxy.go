@@ -278,7 +278,7 @@ func (p *Proxy) sweepBindings(ctx context.Context) {
 
 func (p *Proxy) onClose(s ConnSummary) {
 	p.log.Debug("connection closed", "client", s.Client, "backend", s.Backend,
-		"bytes_in", s.BytesIn, "bytes_out", s.BytesOut, "duration", s.Duration, "end", s.End)
+		"bytes_to_backend", s.BytesIn, "bytes_to_client", s.BytesOut, "duration", s.Duration, "end", s.End)
 }
 
 // RaiseFileLimit lifts the soft open-file limit to the hard one: each

@@ -262,6 +262,7 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 		closeWithReset(cfd)
 		return
 	}
+	p.env.logOpen("sockmap", client, lease)
 	target := lease.Backend.AddrPort()
 	c := &smConn{lease: lease, clientAddr: client, start: time.Now(), connecting: true}
 	c.deadline = c.start.Add(p.env.connectTimeout)
@@ -693,7 +694,7 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 	in, out := c.client.settledTotal(), c.backend.settledTotal()
 	p.env.onClose(ConnSummary{
 		Client: c.clientAddr.String(), Backend: c.lease.Backend.ID,
-		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how,
+		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how, Dataplane: "sockmap",
 	})
 }
 

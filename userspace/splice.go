@@ -76,6 +76,7 @@ func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, conns *co
 		return
 	}
 	defer lease.Release()
+	p.env.logOpen("splice", clientAddr, lease)
 	p.active.Add(1)
 	defer p.active.Add(-1)
 

@@ -16,7 +16,8 @@ var (
 // collector reads the device at scrape time, so the figures are the
 // device's own and nothing has to be kept in step with it.
 type collector struct {
-	m      *Mesh
+	status func() ([]PeerStatus, error)
+	warn   func(err error)
 	errors prometheus.Counter
 }
 
@@ -26,7 +27,13 @@ type collector struct {
 // edgeproxy_wg_collector_errors_total, the scrapes that could not read the
 // device.
 func NewCollector(m *Mesh) prometheus.Collector {
-	return &collector{m: m, errors: prometheus.NewCounter(prometheus.CounterOpts{
+	return newCollector(m.Status, func(err error) {
+		m.log.Warn("wireguard metrics: read device", "interface", m.settings.Interface, "err", err)
+	})
+}
+
+func newCollector(status func() ([]PeerStatus, error), warn func(error)) *collector {
+	return &collector{status: status, warn: warn, errors: prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "edgeproxy_wg_collector_errors_total",
 		Help: "Scrapes that could not read the WireGuard device.",
 	})}
@@ -39,9 +46,9 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	peers, err := c.m.Status()
+	peers, err := c.status()
 	if err != nil {
-		c.m.log.Warn("wireguard metrics: read device", "interface", c.m.settings.Interface, "err", err)
+		c.warn(err)
 		c.errors.Inc()
 	}
 	for _, p := range peers {

@@ -1,0 +1,36 @@
+//go:build !linux
+
+package wgmesh
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+)
+
+// errNotLinux: the overlay drives netlink, TUN and Linux's WireGuard.
+var errNotLinux = errors.New("the wireguard overlay needs Linux")
+
+// DefaultWatchInterval is Watch's interval when given none.
+const DefaultWatchInterval = 5 * time.Second
+
+// Mesh is this POP's WireGuard interface; off Linux it cannot be opened.
+type Mesh struct {
+	settings Settings
+	log      *slog.Logger
+	// Resolve turns endpoints into addresses.
+	Resolve Resolver
+}
+
+// Open fails off Linux.
+func Open(s Settings, log *slog.Logger) (*Mesh, error) { return nil, errNotLinux }
+
+func (m *Mesh) Kind() string                                         { return "" }
+func (m *Mesh) Reason() string                                       { return errNotLinux.Error() }
+func (m *Mesh) Interface() string                                    { return m.settings.Interface }
+func (m *Mesh) Reconcile(pops []Pop) error                           { return errNotLinux }
+func (m *Mesh) Status() ([]PeerStatus, error)                        { return nil, errNotLinux }
+func (m *Mesh) Sync(dbPath string) error                             { return errNotLinux }
+func (m *Mesh) Watch(ctx context.Context, _ string, _ time.Duration) { <-ctx.Done() }
+func (m *Mesh) Close() error                                         { return nil }
