@@ -54,5 +54,23 @@ lint:
 geoip-update:
 	bash scripts/geoip-update.sh
 
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+# Binary, systemd unit, example environment file and the service user.
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/edgeproxy
+	install -D -m 0644 packaging/edgeproxy.service $(DESTDIR)/etc/systemd/system/edgeproxy.service
+	@if [ -e $(DESTDIR)/etc/edgeproxy/edgeproxy.env ]; then \
+		echo "keeping $(DESTDIR)/etc/edgeproxy/edgeproxy.env; the new example is edgeproxy.env.example"; \
+		install -D -m 0644 packaging/edgeproxy.env $(DESTDIR)/etc/edgeproxy/edgeproxy.env.example; \
+	else install -D -m 0644 packaging/edgeproxy.env $(DESTDIR)/etc/edgeproxy/edgeproxy.env; fi
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/doc/edgeproxy docs/*.md README.md NOTICE
+	@if [ -z "$(DESTDIR)" ] && ! id edgeproxy >/dev/null 2>&1; then \
+		useradd --system --no-create-home --home-dir /var/lib/edgeproxy --shell /usr/sbin/nologin edgeproxy; \
+		echo "created system user edgeproxy"; fi
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; start with: systemctl enable --now edgeproxy"
+
 clean:
 	rm -rf bin

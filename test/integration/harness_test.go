@@ -39,6 +39,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "temp dir:", err)
 		os.Exit(1)
 	}
+	// Readable by everyone: one test runs it as nobody.
+	_ = os.Chmod(dir, 0o755)
 	binary = filepath.Join(dir, "edgeproxy")
 	build := exec.Command("go", "build", "-o", binary, "github.com/edgeproxy/edgeproxy/cmd/edgeproxy")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
