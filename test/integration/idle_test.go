@@ -72,4 +72,3 @@ func TestManyIdleConnections(t *testing.T) {
 		})
 	}
 }
-

@@ -4,8 +4,8 @@ package integration
 
 import (
 	"context"
-	"errors"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"net"

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -96,6 +97,7 @@ type userspaceDevice struct {
 	dev      *device.Device
 	uapi     net.Listener
 	accepted chan struct{} // closed when the UAPI accept loop ends
+	closing  atomic.Bool   // Close has begun: the accept loop's end is expected
 }
 
 func openUserspace(name string, ns netns.NsHandle, foreign bool, log *slog.Logger) (*userspaceDevice, error) {
@@ -136,12 +138,8 @@ func (u *userspaceDevice) serveUAPI(log *slog.Logger) {
 	for {
 		c, err := u.uapi.Accept()
 		if err != nil {
-			select {
-			case <-u.dev.Wait():
-			default:
-				if !errors.Is(err, net.ErrClosed) {
-					log.Warn("wireguard uapi socket gone: the device keeps running but can no longer be configured or read", "err", err)
-				}
+			if !u.closing.Load() {
+				log.Warn("wireguard uapi socket gone: the device keeps running but can no longer be configured or read", "err", err)
 			}
 			return
 		}
@@ -165,6 +163,7 @@ func (u *userspaceDevice) Close() error {
 	// Close the socket first, so no configuration races the teardown;
 	// closing the device closes the TUN, and the kernel removes the link
 	// with its addresses and routes.
+	u.closing.Store(true)
 	err := u.uapi.Close()
 	u.dev.Close()
 	<-u.accepted
@@ -242,21 +241,32 @@ func inNetns(ns netns.NsHandle, f func() error) error {
 	return <-errc
 }
 
+// homeNetns identifies the process's own network namespace. It is read
+// during package initialisation, when the runtime keeps the main goroutine
+// on the main thread, so no thread switched by a caller can be mistaken for
+// home. (/proc/self/ns/net would not do: it is the main thread's, and the
+// main thread also runs goroutines, a namespace-switched one included.)
+var homeNetns, homeNetnsErr = currentNetnsID()
+
+func currentNetnsID() (string, error) {
+	h, err := netns.Get()
+	if err != nil {
+		return "", err
+	}
+	defer h.Close()
+	return h.UniqueId(), nil
+}
+
 // callerNetns is the namespace of the calling thread, and whether it is
 // not the process's: the test's NS.Do, or any caller that locked its thread
-// and switched namespace.
+// and switched namespace. When home is unknown, it says foreign: pinning
+// sockets to the caller's namespace is then merely redundant.
 func callerNetns() (ns netns.NsHandle, foreign bool, err error) {
 	ns, err = netns.Get()
 	if err != nil {
 		return ns, false, fmt.Errorf("get network namespace: %w", err)
 	}
-	proc, err := netns.GetFromPath("/proc/self/ns/net")
-	if err != nil {
-		ns.Close()
-		return ns, false, fmt.Errorf("get process network namespace: %w", err)
-	}
-	defer proc.Close()
-	return ns, !ns.Equal(proc), nil
+	return ns, homeNetnsErr != nil || ns.UniqueId() != homeNetns, nil
 }
 
 // deviceLogger sends wireguard-go's log to slog: its errors as warnings
