@@ -30,6 +30,7 @@ type sockmapPlane struct {
 	// paused: the kernel itself puts no bound on that queue.
 	pauseBacklog uint64
 	tick         time.Duration
+	noDelay      bool
 
 	epfd, wakefd, lnfd int
 	byFD               []*endpoint
@@ -50,9 +51,14 @@ type endpoint struct {
 	// for the socket we connected, nothing for the accepted one.
 	base uint64
 
-	settled  uint64 // bytes received that are forwarded or redirected
-	armed    bool
-	paused   bool   // disarmed for backpressure: redirected bytes may still be queued
+	settled uint64 // bytes received that are forwarded or redirected
+	armed   bool
+	paused  bool // disarmed for backpressure: redirected bytes may still be queued
+	// clamp is the window clamp to restore once armed, 0 when not clamped.
+	// Catching up on passed bytes races the sender, whose window opens as
+	// fast as userspace reads; a small window lets userspace win the race.
+	clamp    int
+	behind   int    // reads spent catching up since the direction was last armed
 	pending  []byte // read from this socket, not yet accepted by peer
 	lastSeen uint64 // count at the last backpressure check
 	eof      bool   // the remote sent FIN and every byte before it is counted
@@ -85,7 +91,7 @@ func newSockmapPlane(env planeEnv, maps *loader.Sockmap) *sockmapPlane {
 	return &sockmapPlane{
 		env:          env,
 		maps:         maps,
-		pauseBacklog: 4 << 20,
+		pauseBacklog: 32 << 20,
 		tick:         5 * time.Millisecond,
 		conns:        map[*smConn]struct{}{},
 		buf:          make([]byte, readChunk),
@@ -149,7 +155,8 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 		}
 		timeout := -1
 		if len(p.conns) > 0 {
-			timeout = max(int(time.Until(nextTick)/time.Millisecond), 0)
+			// Rounded up: a timeout of 0 would spin until the tick.
+			timeout = max(int((time.Until(nextTick)+time.Millisecond-1)/time.Millisecond), 0)
 		}
 		n, err := unix.EpollWait(p.epfd, events, timeout)
 		if err != nil && !errors.Is(err, unix.EINTR) {
@@ -380,6 +387,7 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 		return p.copyForward(src)
 	}
 	dst := src.peer
+	rounds := 0
 	for {
 		if len(src.pending) > 0 {
 			n, err := unix.Write(dst.fd, src.pending)
@@ -405,10 +413,21 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 		count := s & loader.FlowCountMask
 		if count == src.settled {
 			if atomic.CompareAndSwapUint64(src.state, s, s|loader.FlowArmed) {
-				src.armed = true
+				src.armed, src.behind = true, 0
+				p.unclamp(src)
 				break
 			}
 			continue // the verdict counted more meanwhile
+		}
+		// Still behind after a few reads: the sender keeps pace with us,
+		// so narrow its window or this race never ends.
+		if src.behind++; src.behind == catchUpRounds {
+			p.clampWindow(src)
+		}
+		if rounds++; rounds > maxForwardRounds {
+			// Give the other connections their turn; the tick resumes.
+			p.watch(c)
+			return true
 		}
 		// Paused with redirected bytes still queued for dst: ours must
 		// not overtake them.
@@ -496,6 +515,37 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 		if w < n {
 			src.pending = append(src.pending[:0], p.buf[w:n]...)
 		}
+	}
+}
+
+const (
+	// catchUpRounds is how many reads userspace may spend behind the
+	// verdict's count before it narrows the sender's window to catch up.
+	catchUpRounds = 4
+	// maxForwardRounds bounds one forward call (64 KiB each) so a busy
+	// connection cannot starve the event loop.
+	maxForwardRounds = 64
+)
+
+// clampWindow narrows the receive window of src's remote while userspace
+// catches up; unclamp restores it once the direction is armed.
+func (p *sockmapPlane) clampWindow(src *endpoint) {
+	if src.clamp != 0 {
+		return
+	}
+	orig, err := unix.GetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP)
+	if err != nil || orig <= 0 {
+		return
+	}
+	if unix.SetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, 4096) == nil {
+		src.clamp = orig
+	}
+}
+
+func (p *sockmapPlane) unclamp(src *endpoint) {
+	if src.clamp != 0 {
+		_ = unix.SetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, src.clamp)
+		src.clamp = 0
 	}
 }
 
@@ -623,11 +673,14 @@ func (p *sockmapPlane) onTick(now time.Time) {
 	}
 }
 
-// checkBacklog pauses an armed direction whose redirected bytes pile up
-// in the peer's psock queue: the kernel bounds neither that queue nor the
-// sender, so a slow receiver would otherwise grow kernel memory without
-// limit. Paused, the verdict passes bytes to the socket's own queue, which
-// its receive buffer bounds and TCP flow control throttles.
+// checkBacklog bounds the bytes redirected into a peer's psock queue but
+// not yet in its send buffer: the kernel bounds neither that queue nor the
+// sender. Past pauseBacklog (a slow receiver, or a kernel worker far
+// behind) it disarms the direction: the verdict then passes bytes to the
+// socket's own queue, which its receive buffer bounds and TCP flow control
+// throttles, and userspace forwards them as the receiver drains, then
+// re-arms. (Narrowing the sender's window instead was tried: it cost a
+// third of the bulk throughput and still let the queue grow.)
 func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	if !src.armed || src.eof || src.conn.copyMode {
 		return
@@ -639,7 +692,11 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	}
 	src.lastSeen = count
 	sent, err := sentTo(src.peer)
-	if err != nil || sent > count || count-sent < p.pauseBacklog {
+	if err != nil || sent > count {
+		return
+	}
+	backlog := count - sent
+	if backlog < p.pauseBacklog {
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -648,7 +705,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 			src.settled = s & loader.FlowCountMask
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
-				"socket", src.side(), "backlog", count-sent)
+				"socket", src.side(), "backlog", backlog)
 			return
 		}
 		s = atomic.LoadUint64(src.state)

@@ -12,10 +12,12 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
-// PersistentKeepalive is sent to every peer. It keeps NAT and stateful
-// firewall mappings open, so a peer behind one stays reachable from the
+// PersistentKeepalive is sent to every peer with an endpoint. It keeps NAT
+// and stateful firewall mappings open, so this POP stays reachable from the
 // other side, and it makes a fresh peer handshake at once instead of at the
-// first packet a client is waiting on.
+// first packet a client is waiting on. A peer without an endpoint (it dials
+// in) gets none: nothing can be sent to it before it writes first, and it is
+// its own keepalive, towards our endpoint, that keeps its path open.
 const PersistentKeepalive = 25 * time.Second
 
 // Settings are this POP's own overlay settings (EDGEPROXY_WG_*,
@@ -106,8 +108,8 @@ func ResolveEndpoint(hostport string) (netip.AddrPort, error) {
 
 // DesiredConfig is the whole configuration the device should have: this
 // POP's key and port, and one peer per pop except this POP's own row
-// (id == s.PopID), each with its endpoint, allowed IPs and
-// PersistentKeepalive. ReplacePeers is false: the config is a goal to diff
+// (id == s.PopID), each with its endpoint, allowed IPs and, when it has an
+// endpoint, PersistentKeepalive. ReplacePeers is false: the config is a goal to diff
 // against (DiffPeers), not something to apply wholesale, because replacing
 // every peer would drop every live session.
 //
@@ -137,7 +139,10 @@ func DesiredConfig(s Settings, privateKey wgtypes.Key, pops []Pop, resolve Resol
 			errs = append(errs, fmt.Errorf("pops row %q: wg_public_key is this POP's own key, but this POP's id is %q: set EDGEPROXY_POP_ID=%s", p.ID, s.PopID, p.ID))
 			continue
 		}
-		keepalive := PersistentKeepalive
+		keepalive := time.Duration(0)
+		if p.Endpoint != "" {
+			keepalive = PersistentKeepalive
+		}
 		pc := wgtypes.PeerConfig{
 			PublicKey:                   p.PublicKey,
 			PersistentKeepaliveInterval: &keepalive,
@@ -299,4 +304,20 @@ func prefixOf(n net.IPNet) (netip.Prefix, bool) {
 func ipNet(p netip.Prefix) net.IPNet {
 	p = p.Masked()
 	return net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func endpointString(a *net.UDPAddr) string {
+	if a == nil {
+		return "(none)"
+	}
+	return addrPort(a).String()
+}
+
+func prefixesString(ns []net.IPNet) string {
+	ps := prefixSet(ns)
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }

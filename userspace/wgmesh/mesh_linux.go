@@ -36,16 +36,17 @@ type Mesh struct {
 	// test sets another before the first Reconcile.
 	Resolve Resolver
 
-	mu         sync.Mutex
-	dev        wgDevice
-	reason     string
-	client     *wgctrl.Client
-	nl         *netlink.Handle
-	ns         netns.NsHandle
-	linkIndex  int
-	configured map[wgtypes.Key]netip.AddrPort // endpoint last set per peer
-	ids        map[wgtypes.Key]string         // pop id per peer key
-	closed     bool
+	mu          sync.Mutex
+	dev         wgDevice
+	reason      string
+	client      *wgctrl.Client
+	nl          *netlink.Handle
+	ns          netns.NsHandle
+	linkIndex   int
+	configured  map[wgtypes.Key]netip.AddrPort // endpoint last set per peer
+	ids         map[wgtypes.Key]string         // pop id per peer key
+	lastRowErrs string                         // the skipped rows last logged
+	closed      bool
 }
 
 // Open creates and configures the interface: a kernel wireguard link when
@@ -176,7 +177,7 @@ func (m *Mesh) Reconcile(pops []Pop) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return fmt.Errorf("wireguard interface %s: reconcile: mesh closed", m.settings.Interface)
+		return fmt.Errorf("wireguard interface %s: reconcile: %w", m.settings.Interface, ErrClosed)
 	}
 	dev, err := m.client.Device(m.settings.Interface)
 	if err != nil {
@@ -311,8 +312,11 @@ func (m *Mesh) explainExisting(p netip.Prefix) error {
 		family = netlink.FAMILY_V6
 	}
 	routes, err := m.nl.RouteListFiltered(family, &netlink.Route{Dst: &dst}, netlink.RT_FILTER_DST)
-	if err != nil || len(routes) == 0 {
-		return fmt.Errorf("a route to %s exists already and could not be read: %v", p, err)
+	if err != nil {
+		return fmt.Errorf("a route to %s exists already and could not be read: %w", p, err)
+	}
+	if len(routes) == 0 {
+		return fmt.Errorf("a route to %s exists already (of another type or metric) and is not the mesh's: not replacing it", p)
 	}
 	for _, r := range routes {
 		if r.LinkIndex == m.linkIndex {
@@ -332,7 +336,7 @@ func (m *Mesh) Status() ([]PeerStatus, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return nil, fmt.Errorf("wireguard interface %s: status: mesh closed", m.settings.Interface)
+		return nil, fmt.Errorf("wireguard interface %s: status: %w", m.settings.Interface, ErrClosed)
 	}
 	st, err := readStatus(m.client, m.settings.Interface, m.ids, time.Now())
 	if err != nil {
@@ -342,17 +346,34 @@ func (m *Mesh) Status() ([]PeerStatus, error) {
 }
 
 // Sync loads the pops table from dbPath and reconciles to it. Skipped rows
-// are returned with the reconcile's own error, joined; a database that
-// cannot be read changes nothing.
+// are logged ("pops row skipped", once per distinct set, not at every
+// call); the error is the reconcile's, or the database's, in which case
+// nothing changes.
 func (m *Mesh) Sync(dbPath string) error {
 	pops, rowErrs, err := LoadPops(dbPath)
 	if err != nil {
 		return fmt.Errorf("wireguard interface %s: %w; keeping the current peers", m.settings.Interface, err)
 	}
-	if err := m.Reconcile(pops); err != nil {
-		rowErrs = append(rowErrs, err)
+	m.logRowErrors(rowErrs)
+	return m.Reconcile(pops)
+}
+
+func (m *Mesh) logRowErrors(rowErrs []error) {
+	msg := errors.Join(rowErrs...)
+	key := ""
+	if msg != nil {
+		key = msg.Error()
 	}
-	return errors.Join(rowErrs...)
+	m.mu.Lock()
+	same := key == m.lastRowErrs
+	m.lastRowErrs = key
+	m.mu.Unlock()
+	if same {
+		return
+	}
+	for _, e := range rowErrs {
+		m.log.Warn("pops row skipped", "interface", m.settings.Interface, "err", e.Error())
+	}
 }
 
 // DefaultWatchInterval is Watch's interval when given none.
@@ -362,7 +383,8 @@ const DefaultWatchInterval = 5 * time.Second
 // table is applied within one interval (give it EDGEPROXY_DB_RELOAD_SECS).
 // Reconciling an unchanged table changes nothing, and it also repairs a
 // peer or route someone removed by hand. An error is logged when it
-// differs from the previous one, not at every tick.
+// differs from the previous one, not at every tick. Watch also ends when
+// the mesh is closed.
 func (m *Mesh) Watch(ctx context.Context, dbPath string, interval time.Duration) {
 	if interval <= 0 {
 		interval = DefaultWatchInterval
@@ -377,6 +399,9 @@ func (m *Mesh) Watch(ctx context.Context, dbPath string, interval time.Duration)
 		case <-t.C:
 		}
 		err := m.Sync(dbPath)
+		if errors.Is(err, ErrClosed) {
+			return
+		}
 		msg := ""
 		if err != nil {
 			msg = err.Error()
@@ -409,20 +434,4 @@ func (m *Mesh) Close() error {
 // 10.50.1.1/16` takes it (ipNet would mask the host part away).
 func hostNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
-func endpointString(a *net.UDPAddr) string {
-	if a == nil {
-		return "(none)"
-	}
-	return addrPort(a).String()
-}
-
-func prefixesString(ns []net.IPNet) string {
-	ps := prefixSet(ns)
-	s := make([]string, len(ps))
-	for i, p := range ps {
-		s[i] = p.String()
-	}
-	return strings.Join(s, ",")
 }

@@ -32,5 +32,5 @@ func (m *Mesh) Interface() string                                    { return m.
 func (m *Mesh) Reconcile(pops []Pop) error                           { return errNotLinux }
 func (m *Mesh) Status() ([]PeerStatus, error)                        { return nil, errNotLinux }
 func (m *Mesh) Sync(dbPath string) error                             { return errNotLinux }
-func (m *Mesh) Watch(ctx context.Context, _ string, _ time.Duration) { <-ctx.Done() }
+func (m *Mesh) Watch(ctx context.Context, _ string, _ time.Duration) {}
 func (m *Mesh) Close() error                                         { return nil }

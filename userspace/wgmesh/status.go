@@ -20,6 +20,9 @@ import (
 // UAPI socket under /var/run/wireguard.
 var ErrNoInterface = errors.New("no such wireguard interface")
 
+// ErrClosed is returned by a Mesh's methods after Close.
+var ErrClosed = errors.New("mesh closed")
+
 // Status is one WireGuard interface and its peers.
 type Status struct {
 	Interface string `json:"interface"`
