@@ -32,6 +32,8 @@ type Config struct {
 	PinPath        string
 	ConnectTimeout time.Duration
 	Drain          time.Duration // EDGEPROXY_DRAIN_SECS
+	// Collectors are extra metrics served on /metrics (the overlay's).
+	Collectors []prometheus.Collector
 }
 
 // Proxy is a configured, listening edgeproxy.
@@ -69,7 +71,7 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open geo database: %w", err)
 	}
-	p := &Proxy{cfg: cfg, log: log, store: store, geo: geo}
+	p := &Proxy{cfg: cfg, log: log, store: store, geo: geo, extraCollectors: cfg.Collectors}
 	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now, BindingTTL: cfg.BindingTTL}
 
 	p.reloads.record(nil)

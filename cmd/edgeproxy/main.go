@@ -41,6 +41,7 @@ func newRootCommand(lookupEnv func(string) (string, bool)) *cobra.Command {
 		newStatusCommand(env{lookupEnv}),
 		newRouteCommand(env{lookupEnv}),
 		newGeoCommand(env{lookupEnv}),
+		newWGCommand(env{lookupEnv}),
 		newEchoBackendCommand(),
 		newVersionCommand(),
 	)

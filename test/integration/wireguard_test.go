@@ -30,7 +30,7 @@ import (
 // the test); true, the edgeproxy binary under test, from the EDGEPROXY_WG_*
 // environment, reconciling on its own reloads. Flip it once `edgeproxy run`
 // opens the mesh; nothing else in the test changes.
-const popAOverlayInBinary = false
+const popAOverlayInBinary = true
 
 // The overlay test's addresses. The POPs share only the underlay veth; the
 // backend's subnet is behind POP B alone.
@@ -346,7 +346,7 @@ func TestWireGuardOverlay(t *testing.T) {
 	// reload bound; pop-c stays. Peers are named with the table that still
 	// has pop-b, so a leftover shows as "pop-b" rather than as a bare key.
 	withB := pops
-	pops = setPops(rowA, rowC)
+	setPops(rowA, rowC)
 	waitPeers(t, popA, ifaceA, withB, bound, "POP A drops pop-b", func(p map[string]wgmesh.PeerStatus) bool {
 		_, b := p["pop-b"]
 		_, c := p["pop-c"]
