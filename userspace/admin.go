@@ -41,14 +41,21 @@ func (r *reloadLog) record(err error) {
 	}
 }
 
-func (r *reloadLog) snapshot() (at time.Time, err error, results map[string]uint64) {
+// reloadSnapshot is a copy of the reload log.
+type reloadSnapshot struct {
+	at      time.Time
+	err     error
+	results map[string]uint64
+}
+
+func (r *reloadLog) snapshot() reloadSnapshot {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	results = map[string]uint64{}
+	results := map[string]uint64{}
 	for k, v := range r.results {
 		results[k] = v
 	}
-	return r.at, r.err, results
+	return reloadSnapshot{at: r.at, err: r.err, results: results}
 }
 
 // Status is what GET /status returns and `edgeproxy status` prints.
@@ -87,7 +94,8 @@ type BackendStatus struct {
 // Status assembles the proxy's current state.
 func (p *Proxy) Status() Status {
 	t := p.store.Current()
-	at, err, _ := p.reloads.snapshot()
+	last := p.reloads.snapshot()
+	at, err := last.at, last.err
 	plane := p.plane.Stats()
 	st := Status{
 		Region:          p.cfg.Region,
@@ -207,8 +215,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for reason, n := range p.balancer.RejectedCounts() {
 		ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(n), reason)
 	}
-	_, _, results := p.reloads.snapshot()
-	for result, n := range results {
+	for result, n := range p.reloads.snapshot().results {
 		ch <- prometheus.MustNewConstMetric(descReloads, prometheus.CounterValue, float64(n), result)
 	}
 	ch <- prometheus.MustNewConstMetric(descBindings, prometheus.GaugeValue, float64(p.balancer.Bindings()))

@@ -30,7 +30,6 @@ type sockmapPlane struct {
 	// paused: the kernel itself puts no bound on that queue.
 	pauseBacklog uint64
 	tick         time.Duration
-	noDelay      bool
 
 	epfd, wakefd, lnfd int
 	byFD               []*endpoint
