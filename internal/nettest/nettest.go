@@ -106,8 +106,8 @@ func MustRun(t testing.TB, name string, args ...string) string {
 }
 
 // Link joins a and b with a veth pair and gives each end an address in
-// CIDR form (e.g. "10.77.1.1/24").
-func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) {
+// CIDR form (e.g. "10.77.1.1/24"); it returns the two interface names.
+func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) (aDev, bDev string) {
 	t.Helper()
 	suffix := randomSuffix()
 	va, vb := "va"+suffix, "vb"+suffix
@@ -116,6 +116,18 @@ func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) {
 	MustRun(t, "ip", "-n", b.Name, "addr", "add", bAddr, "dev", vb)
 	MustRun(t, "ip", "-n", a.Name, "link", "set", va, "up")
 	MustRun(t, "ip", "-n", b.Name, "link", "set", vb, "up")
+	return va, vb
+}
+
+// AddAddr adds another address to an interface; IPv6 ones skip duplicate
+// address detection so they work at once.
+func AddAddr(t testing.TB, ns *NS, dev, cidr string) {
+	t.Helper()
+	args := []string{"-n", ns.Name, "addr", "add", cidr, "dev", dev}
+	if strings.Contains(cidr, ":") {
+		args = append(args, "nodad")
+	}
+	MustRun(t, "ip", args...)
 }
 
 // Topology is the client, proxy and backend hosts of one test: the proxy
@@ -123,6 +135,9 @@ func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) {
 // client can only reach a backend through edgeproxy.
 type Topology struct {
 	Client, Proxy, Backend *NS
+	// Interface names: client side and proxy side of the client link, proxy
+	// side and backend side of the backend link.
+	ClientDev, ProxyClientDev, ProxyBackendDev, BackendDev string
 }
 
 // Fixed addresses: each topology's namespaces are private, so every test
@@ -138,7 +153,7 @@ const (
 func NewTopology(t testing.TB) *Topology {
 	t.Helper()
 	topo := &Topology{Client: NewNS(t, "cli"), Proxy: NewNS(t, "prx"), Backend: NewNS(t, "bak")}
-	Link(t, topo.Client, ClientIP+"/24", topo.Proxy, ProxyClientIP+"/24")
-	Link(t, topo.Proxy, ProxyBackendIP+"/24", topo.Backend, BackendIP+"/24")
+	topo.ClientDev, topo.ProxyClientDev = Link(t, topo.Client, ClientIP+"/24", topo.Proxy, ProxyClientIP+"/24")
+	topo.ProxyBackendDev, topo.BackendDev = Link(t, topo.Proxy, ProxyBackendIP+"/24", topo.Backend, BackendIP+"/24")
 	return topo
 }

@@ -1,0 +1,87 @@
+//go:build linux
+
+package integration
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edgeproxy/edgeproxy/internal/nettest"
+	"github.com/maxmind/mmdbwriter"
+	"github.com/maxmind/mmdbwriter/mmdbtype"
+)
+
+// IPv6 end to end: the proxy listens dual-stack on [::]:8080, an IPv6
+// client reaches an IPv6 backend, and an IPv4 client arriving as
+// ::ffff:a.b.c.d is routed by its IPv4 address's country.
+func TestIPv6ClientsAndBackends(t *testing.T) {
+	nettest.RequireRoot(t)
+	const (
+		clientV6  = "fd77:1::2"
+		proxyV6   = "fd77:1::1"
+		proxyBV6  = "fd77:2::1"
+		backendV6 = "fd77:2::2"
+	)
+	writer, err := mmdbwriter.New(mmdbwriter.Options{DatabaseType: "GeoLite2-Country", RecordSize: 24, IncludeReservedNetworks: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for cidr, cc := range map[string]string{"10.77.1.0/24": "FR", "fd77:1::/64": "BR"} {
+		_, n, _ := net.ParseCIDR(cidr)
+		if err := writer.Insert(n, mmdbtype.Map{"country": mmdbtype.Map{"iso_code": mmdbtype.String(cc)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	geo := filepath.Join(t.TempDir(), "v6.mmdb")
+	f, err := os.Create(geo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writer.WriteTo(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			topo := nettest.NewTopology(t)
+			nettest.AddAddr(t, topo.Client, topo.ClientDev, clientV6+"/64")
+			nettest.AddAddr(t, topo.Proxy, topo.ProxyClientDev, proxyV6+"/64")
+			nettest.AddAddr(t, topo.Proxy, topo.ProxyBackendDev, proxyBV6+"/64")
+			nettest.AddAddr(t, topo.Backend, topo.BackendDev, backendV6+"/64")
+			nettest.Serve(t, topo.Backend, "["+backendV6+"]:9000", nettest.Greeter("br-v6"))
+			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9001", nettest.Greeter("fr-v4"))
+			p := startProxy(t, topo.Proxy, plane, []backendRow{
+				{ID: "br-v6", Region: "sa", Country: "BR", Addr: backendV6, Port: 9000, Healthy: true, Weight: 1, Soft: 100},
+				{ID: "fr-v4", Region: "eu", Country: "FR", Addr: nettest.BackendIP, Port: 9001, Healthy: true, Weight: 1, Soft: 100},
+			}, "EDGEPROXY_LISTEN_ADDR=[::]:8080", "EDGEPROXY_GEOIP_PATH="+geo, "EDGEPROXY_REGION=us")
+			if !strings.Contains(p.logs.String(), "listen=[::]:8080") {
+				t.Fatalf("not listening on [::]:8080:\n%s", p.logs.String())
+			}
+			// IPv6 client, BR by the geo database: the IPv6 backend.
+			nettest.MustReach(t, topo.Client, "["+proxyV6+"]:8080", "br-v6")
+			// IPv4 client through the dual-stack socket: FR, not unknown.
+			nettest.MustReach(t, topo.Client, nettest.ProxyClientIP+":8080", "fr-v4")
+			// Byte-exact both ways over IPv6.
+			c, err := nettest.Dial(topo.Client, "["+proxyV6+"]:8080", 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := nettest.ReadLine(c, 2*time.Second); err != nil {
+				t.Fatal(err)
+			}
+			payload := strings.Repeat("ipv6 all the way ", 5000)
+			go c.Write([]byte(payload + "\n"))
+			if got, err := nettest.ReadLine(c, 5*time.Second); err != nil || got != payload {
+				t.Fatalf("echo over IPv6: %d bytes, %v; want %d", len(got), err, len(payload))
+			}
+			c.Close()
+			p.waitNoEntries(t)
+		})
+	}
+}
