@@ -60,6 +60,7 @@ type endpoint struct {
 	behind   int    // reads spent catching up since the direction was last armed
 	pending  []byte // read from this socket, not yet accepted by peer
 	lastSeen uint64 // count at the last backpressure check
+	hangup   bool   // epoll reported RDHUP, HUP or ERR: worth probing for EOF
 	eof      bool   // the remote sent FIN and every byte before it is counted
 	final    uint64 // count at EOF
 	shut     bool   // we sent FIN to this socket's remote
@@ -113,6 +114,9 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 		return err
 	}
 	p.lnfd = lnfd
+	if err := unix.SetsockoptInt(lnfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		return fmt.Errorf("set TCP_NODELAY on the listener: %w", err)
+	}
 	defer func() {
 		if p.lnfd >= 0 {
 			unix.Close(p.lnfd)
@@ -225,6 +229,9 @@ func (p *sockmapPlane) dispatch(fd int, events uint32) {
 			return
 		}
 	}
+	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		ep.hangup = true
+	}
 	if events&unix.EPOLLOUT != 0 && !p.forward(ep.peer) {
 		return
 	}
@@ -292,7 +299,7 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 	p.track(&c.backend)
 	// Small writes go out at once: the redirect path hands each skb to
 	// the peer's send path, and Nagle would hold a ping-pong's reply.
-	_ = unix.SetsockoptInt(cfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	// (Accepted sockets inherit TCP_NODELAY from the listener.)
 	_ = unix.SetsockoptInt(bfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if err := unix.Connect(bfd, addrPortSockaddr(target)); err != nil && !errors.Is(err, unix.EINPROGRESS) {
 		p.failConnect(c, fmt.Errorf("connect: %w", err))
@@ -464,6 +471,11 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 		if w < n {
 			src.pending = append(src.pending[:0], p.buf[w:n]...)
 		}
+	}
+	if !src.hangup {
+		// Edge-triggered epoll reports RDHUP once, also for a FIN that
+		// came before the socket was registered: no probe until then.
+		return true
 	}
 	return p.checkEOF(src)
 }
