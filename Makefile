@@ -41,7 +41,10 @@ test-unit:
 demo: deps build
 	bash scripts/demo.sh
 
+# Routing decision benchmarks first (no root), then the netns side by side;
+# the report includes both.
 bench: build
+	bash scripts/bench-routing.sh
 	bash scripts/bench.sh
 
 # gofmt, vet, staticcheck and the import boundaries of DESIGN.md.

@@ -339,6 +339,13 @@ func markdown(r *Results) string {
 		p("\n")
 	}
 
+	// The routing decision's own Go benchmarks, written by
+	// scripts/bench-routing.sh, belong on the same page.
+	if routing, err := os.ReadFile(filepath.Join("docs", "bench-routing.md")); err == nil {
+		p("%s\n", strings.TrimSpace(string(routing)))
+		p("\n")
+	}
+
 	c := r.Config
 	p("## Method\n\n")
 	p("- **Testbed.** %s\n", r.Testbed)
