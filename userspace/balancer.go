@@ -58,6 +58,7 @@ type Balancer struct {
 	Mirror      BackendMirror // nil: no BPF backends map
 
 	bindings       atomic.Int64 // bindings held: counted at each sweep, plus new ones since
+	newBindings    atomic.Int64 // entries ever added: a sweep whose walk saw none added is exact
 	affinityErrors atomic.Uint64
 
 	mu       sync.Mutex // serializes decide+reserve so hard limits hold
@@ -117,12 +118,16 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 	now := b.Now()
 	var bound string
 	var lastUsed time.Time
+	var hadEntry bool // even an expired one: rebinding it adds no entry
 	if b.Affinity != nil {
 		id, last, ok, err := b.Affinity.Lookup(client)
 		if err != nil {
 			b.affinityErrors.Add(1)
-		} else if ok && now.Sub(last) <= b.BindingTTL {
-			bound, lastUsed = id, last
+		} else if ok {
+			hadEntry = true
+			if now.Sub(last) <= b.BindingTTL {
+				bound, lastUsed = id, last
+			}
 		}
 	}
 	b.mu.Lock()
@@ -153,8 +158,9 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 	if b.Affinity != nil && (!sticky || now.Sub(lastUsed) > time.Second) {
 		if err := b.Affinity.Bind(client, lease.Backend.ID, now); err != nil {
 			b.affinityErrors.Add(1)
-		} else if !sticky && bound == "" {
+		} else if !hadEntry {
 			b.bindings.Add(1)
+			b.newBindings.Add(1)
 		}
 	}
 	return lease, ""
@@ -179,8 +185,9 @@ func (b *Balancer) RejectedCounts() map[string]uint64 {
 	return out
 }
 
-// Bindings is the number of client affinity bindings held: exact after
-// each sweep, then counting new bindings (LRU evictions show at the next).
+// Bindings is the number of client affinity bindings held: counted as they
+// are added and swept, and recounted by a sweep that saw no concurrent
+// binding (the kernel's LRU evictions show up then).
 func (b *Balancer) Bindings() int {
 	return int(b.bindings.Load())
 }
@@ -223,12 +230,19 @@ func (b *Balancer) SweepBindings() (removed int, err error) {
 	}
 	now := b.Now()
 	t := b.Store.Current()
+	newBefore := b.newBindings.Load()
 	remaining, removed, err := b.Affinity.Sweep(func(id string, lastUsed time.Time) bool {
 		i := t.Index(id)
 		return now.Sub(lastUsed) <= b.BindingTTL && i >= 0 && t.Backends[i].Healthy
 	})
-	if err == nil {
+	switch {
+	case err != nil:
+	case b.newBindings.Load() == newBefore:
+		// Nothing bound during the walk: its count is exact, and also
+		// catches what the kernel's LRU evicted silently.
 		b.bindings.Store(int64(remaining))
+	default:
+		b.bindings.Add(-int64(removed))
 	}
 	return removed, err
 }

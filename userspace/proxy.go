@@ -164,6 +164,10 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	if err := p.balancer.Refresh(); err != nil {
 		p.log.Warn("cannot mirror the backend table into BPF", "err", err)
 	}
+	// Count the bindings a previous process left before any is added.
+	if _, err := p.balancer.SweepBindings(); err != nil {
+		p.log.Warn("affinity sweep failed", "err", err)
+	}
 	go p.store.Watch(stop, routing.DefaultPoll, p.cfg.DBReload, p.onReload)
 	go p.refreshGeo(stop)
 	go p.sweepBindings(stop)
@@ -257,9 +261,6 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 func (p *Proxy) sweepBindings(ctx context.Context) {
 	if p.balancer.Affinity == nil || p.cfg.BindingGC <= 0 {
 		return
-	}
-	if _, err := p.balancer.SweepBindings(); err != nil {
-		p.log.Warn("affinity sweep failed", "err", err)
 	}
 	t := time.NewTicker(p.cfg.BindingGC)
 	defer t.Stop()

@@ -395,23 +395,9 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 	dst := src.peer
 	rounds := 0
 	for {
-		if len(src.pending) > 0 {
-			n, err := unix.Write(dst.fd, src.pending)
-			if n > 0 {
-				src.pending = src.pending[n:]
-				countMoved(dst, n)
-			}
-			if errors.Is(err, unix.EAGAIN) {
-				p.wantWritable(dst, true)
-				return true
-			}
-			if err != nil {
-				p.reset(c, "reset", "write pending to peer")
-				return false
-			}
-			continue
+		if done, alive := p.flushPending(src); !done {
+			return alive
 		}
-		p.wantWritable(dst, false)
 		s := atomic.LoadUint64(src.state)
 		if s&loader.FlowArmed != 0 {
 			break
@@ -459,17 +445,8 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 			return false
 		}
 		src.settled += uint64(n)
-		w, err := unix.Write(dst.fd, p.buf[:n])
-		if errors.Is(err, unix.EAGAIN) {
-			w, err = 0, nil
-		}
-		if err != nil {
-			p.reset(c, "reset", "write passed bytes")
+		if !p.writeOrKeep(src, p.buf[:n]) {
 			return false
-		}
-		countMoved(dst, w)
-		if w < n {
-			src.pending = append(src.pending[:0], p.buf[w:n]...)
 		}
 	}
 	if !src.hangup {
@@ -483,50 +460,70 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 // copyForward moves src's bytes to its peer through userspace, for the
 // rare connection that could not be spliced in the kernel.
 func (p *sockmapPlane) copyForward(src *endpoint) bool {
-	c, dst := src.conn, src.peer
 	for {
-		if len(src.pending) > 0 {
-			n, err := unix.Write(dst.fd, src.pending)
-			if n > 0 {
-				src.pending = src.pending[n:]
-				countMoved(dst, n)
-			}
-			if errors.Is(err, unix.EAGAIN) {
-				p.wantWritable(dst, true)
-				return true
-			}
-			if err != nil {
-				p.reset(c, "reset", "write copied bytes")
-				return false
-			}
-			continue
+		if done, alive := p.flushPending(src); !done {
+			return alive
 		}
-		p.wantWritable(dst, false)
 		n, err := unix.Read(src.fd, p.buf)
 		switch {
 		case errors.Is(err, unix.EAGAIN):
 			return true
 		case err != nil:
-			p.reset(c, "reset", "read copied bytes")
+			p.reset(src.conn, "reset", "read copied bytes")
 			return false
 		case n == 0:
 			src.eof, src.final = true, src.settled
 			return true
 		}
 		src.settled += uint64(n)
-		w, err := unix.Write(dst.fd, p.buf[:n])
-		if errors.Is(err, unix.EAGAIN) {
-			w, err = 0, nil
-		}
-		if err != nil {
-			p.reset(c, "reset", "write copied bytes")
+		if !p.writeOrKeep(src, p.buf[:n]) {
 			return false
 		}
-		countMoved(dst, w)
-		if w < n {
-			src.pending = append(src.pending[:0], p.buf[w:n]...)
+	}
+}
+
+// flushPending writes what src's peer has not taken yet of the bytes
+// userspace read from src. done is false while the peer is full (EPOLLOUT
+// resumes it); alive is false when the connection was reset.
+func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
+	dst := src.peer
+	for len(src.pending) > 0 {
+		n, err := unix.Write(dst.fd, src.pending)
+		if n > 0 {
+			src.pending = src.pending[n:]
+			countMoved(dst, n)
+		}
+		if errors.Is(err, unix.EAGAIN) {
+			p.wantWritable(dst, true)
+			return false, true
+		}
+		if err != nil {
+			p.reset(src.conn, "reset", "write to peer: "+err.Error())
+			return false, false
 		}
 	}
+	p.wantWritable(dst, false)
+	return true, true
+}
+
+// writeOrKeep writes b, read from src, to src's peer and keeps what the
+// peer does not take as pending. It returns false when the connection was
+// reset.
+func (p *sockmapPlane) writeOrKeep(src *endpoint, b []byte) bool {
+	dst := src.peer
+	w, err := unix.Write(dst.fd, b)
+	if errors.Is(err, unix.EAGAIN) {
+		w, err = 0, nil
+	}
+	if err != nil {
+		p.reset(src.conn, "reset", "write to peer: "+err.Error())
+		return false
+	}
+	countMoved(dst, w)
+	if w < len(b) {
+		src.pending = append(src.pending[:0], b[w:]...)
+	}
+	return true
 }
 
 const (
