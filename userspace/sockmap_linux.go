@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -225,7 +226,12 @@ func (p *sockmapPlane) dispatch(fd int, events uint32) {
 	}
 	if events&unix.EPOLLERR != 0 {
 		if errno, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); errno != 0 {
-			p.reset(c, "reset", fmt.Sprintf("%s on %s", unix.Errno(errno), ep.describe()))
+			cause := unix.Errno(errno).Error()
+			if p.env.log.Enabled(context.Background(), slog.LevelDebug) {
+				// Two more system calls: only worth it for a debug line.
+				cause += " on " + ep.describe()
+			}
+			p.reset(c, "reset", cause)
 			return
 		}
 	}
