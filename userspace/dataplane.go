@@ -50,7 +50,7 @@ func (e planeEnv) logOpen(plane string, client netip.AddrPort, l *Lease) {
 
 // ConnSummary describes one finished connection for logs and metrics.
 type ConnSummary struct {
-	Client    string
+	Client    netip.AddrPort
 	Backend   string
 	BytesIn   uint64 // client to backend
 	BytesOut  uint64 // backend to client

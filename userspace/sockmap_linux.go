@@ -764,7 +764,7 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 	c.lease.Release()
 	in, out := c.client.settledTotal(), c.backend.settledTotal()
 	p.env.onClose(ConnSummary{
-		Client: c.clientAddr.String(), Backend: c.lease.Backend.ID,
+		Client: c.clientAddr, Backend: c.lease.Backend.ID,
 		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how, Dataplane: "sockmap",
 	})
 }

@@ -89,7 +89,7 @@ func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, conns *co
 		p.env.log.Warn("dial backend failed", "client", clientAddr, "backend", lease.Backend.ID, "addr", target, "err", err)
 		client.SetLinger(0)
 		client.Close()
-		p.env.onClose(ConnSummary{Client: clientAddr.String(), Backend: lease.Backend.ID, Duration: time.Since(start), End: "connect_failed"})
+		p.env.onClose(ConnSummary{Client: clientAddr, Backend: lease.Backend.ID, Duration: time.Since(start), End: "connect_failed"})
 		return
 	}
 	backend := bc.(*net.TCPConn)
@@ -99,7 +99,7 @@ func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, conns *co
 	in, out, end := spliceBoth(client, backend)
 	lease.state.bytesIn.Add(uint64(in))
 	lease.state.bytesOut.Add(uint64(out))
-	p.env.onClose(ConnSummary{Client: clientAddr.String(), Backend: lease.Backend.ID, BytesIn: uint64(in), BytesOut: uint64(out), Duration: time.Since(start), End: end})
+	p.env.onClose(ConnSummary{Client: clientAddr, Backend: lease.Backend.ID, BytesIn: uint64(in), BytesOut: uint64(out), Duration: time.Since(start), End: end})
 }
 
 // spliceBoth runs both copy loops until each direction has ended, then
