@@ -50,7 +50,7 @@ const loadTimeout = 10 * time.Second
 func LoadTable(path string) (*Table, []RowError, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
 	defer cancel()
-	db, err := openReadOnly(path)
+	db, err := OpenReadOnly(path)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -61,10 +61,11 @@ func LoadTable(path string) (*Table, []RowError, error) {
 // sqliteDriver is modernc.org/sqlite's database/sql driver name.
 const sqliteDriver = "sqlite"
 
-// openReadOnly opens path through a "file:" URI with mode=ro: only the URI
-// form makes SQLite honor mode=ro, and without it a missing file would be
-// created empty. A busy timeout lets a read wait out a writer's commit.
-func openReadOnly(path string) (*sql.DB, error) {
+// OpenReadOnly opens routing.db through a "file:" URI with mode=ro: only the
+// URI form makes SQLite honor mode=ro, and without it a missing file would
+// be created empty. A busy timeout lets a read wait out a writer's commit.
+// Other readers of routing.db (the WireGuard pops table) use it too.
+func OpenReadOnly(path string) (*sql.DB, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("open routing db: %w", err)
@@ -106,7 +107,7 @@ func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError
 	}
 	defer tx.Rollback() // read-only: ending it is all Rollback does
 
-	cols, err := tableColumns(ctx, tx, "backends")
+	cols, err := TableColumns(ctx, tx, "backends")
 	if err != nil {
 		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
 	}
@@ -176,10 +177,10 @@ func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError
 	return t, rowErrs, nil
 }
 
-// tableColumns maps each lower-cased column name of table to its declared
+// TableColumns maps each lower-cased column name of table to its declared
 // spelling; an absent table has no columns. A file that is not SQLite fails
 // here, on the first read.
-func tableColumns(ctx context.Context, tx *sql.Tx, table string) (map[string]string, error) {
+func TableColumns(ctx context.Context, tx *sql.Tx, table string) (map[string]string, error) {
 	rows, err := tx.QueryContext(ctx, "SELECT name FROM pragma_table_info(?)", table)
 	if err != nil {
 		return nil, err
@@ -286,7 +287,7 @@ func dropDuplicates(bs []Backend) ([]Backend, []RowError) {
 // loadRegions reads the optional regions table. Its absence is not an error:
 // the built-in map then applies alone.
 func loadRegions(ctx context.Context, tx *sql.Tx) (map[string]string, []RowError, error) {
-	cols, err := tableColumns(ctx, tx, "regions")
+	cols, err := TableColumns(ctx, tx, "regions")
 	if err != nil || len(cols) == 0 {
 		return nil, nil, err
 	}

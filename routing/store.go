@@ -184,7 +184,7 @@ func (w *dbWatcher) stamp(ctx context.Context) dbStamp {
 }
 
 func (w *dbWatcher) open(ctx context.Context, fi os.FileInfo) error {
-	db, err := openReadOnly(w.path)
+	db, err := OpenReadOnly(w.path)
 	if err != nil {
 		return err
 	}

@@ -9,8 +9,6 @@ import (
 	"math"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -61,19 +59,11 @@ const loadTimeout = 10 * time.Second
 // by id. The error is for the database as a whole (missing, not SQLite, a
 // required column missing).
 func LoadPops(dbPath string) ([]Pop, []error, error) {
-	fi, err := os.Stat(dbPath)
+	db, err := routing.OpenReadOnly(dbPath)
 	if err != nil {
-		return nil, nil, fmt.Errorf("open routing db: %w", err)
-	}
-	if fi.IsDir() {
-		return nil, nil, fmt.Errorf("open routing db %s: is a directory", dbPath)
-	}
-	db, err := sql.Open("sqlite", readOnlyURI(dbPath))
-	if err != nil {
-		return nil, nil, fmt.Errorf("open routing db %s: %w", dbPath, err)
+		return nil, nil, err
 	}
 	defer db.Close()
-	db.SetMaxOpenConns(1)
 	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
 	defer cancel()
 	pops, rowErrs, err := loadPops(ctx, db)
@@ -83,18 +73,6 @@ func LoadPops(dbPath string) ([]Pop, []error, error) {
 	return pops, rowErrs, nil
 }
 
-// uriPathEscaper escapes what SQLite's URI parser would read as a query, a
-// fragment or an escape inside the path.
-var uriPathEscaper = strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23")
-
-// readOnlyURI is a "file:" URI with mode=ro: only the URI form makes SQLite
-// honor mode=ro, and without it a missing file would be created empty.
-func readOnlyURI(path string) string {
-	// Clean turns a leading "//" into "/", which SQLite would otherwise take
-	// for the start of a URI authority.
-	return "file:" + uriPathEscaper.Replace(filepath.Clean(path)) + "?mode=ro&_pragma=busy_timeout(2000)"
-}
-
 func loadPops(ctx context.Context, db *sql.DB) ([]Pop, []error, error) {
 	tx, err := db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
@@ -102,7 +80,7 @@ func loadPops(ctx context.Context, db *sql.DB) ([]Pop, []error, error) {
 	}
 	defer tx.Rollback() // read-only: ending it is all Rollback does
 
-	cols, err := tableColumns(ctx, tx, popsTable)
+	cols, err := routing.TableColumns(ctx, tx, popsTable)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -152,23 +130,6 @@ func loadPops(ctx context.Context, db *sql.DB) ([]Pop, []error, error) {
 	}
 	pops, conflicts := dropConflicts(pops)
 	return pops, append(rowErrs, conflicts...), nil
-}
-
-func tableColumns(ctx context.Context, tx *sql.Tx, table string) (map[string]string, error) {
-	rows, err := tx.QueryContext(ctx, "SELECT name FROM pragma_table_info(?)", table)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	cols := make(map[string]string)
-	for rows.Next() {
-		var name string
-		if err := rows.Scan(&name); err != nil {
-			return nil, err
-		}
-		cols[strings.ToLower(name)] = name
-	}
-	return cols, rows.Err()
 }
 
 // ParsePopRow validates one row given as text, in the contract's column
