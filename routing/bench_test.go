@@ -73,7 +73,7 @@ func benchmarkPick(b *testing.B, n int) {
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
-		if w, _, _ := Pick(ins[i&7], t); w < 0 {
+		if w, _, _ := Pick(&ins[i&7], t); w < 0 {
 			b.Fatal("no winner")
 		}
 		i++

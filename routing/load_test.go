@@ -109,7 +109,7 @@ func TestLoadSeedSchemaWithoutCountry(t *testing.T) {
 	}
 	// Without countries, a Brazilian client still lands in its region.
 	in := Input{Client: Client{Country: "BR", Region: "sa"}, LocalRegion: "us"}
-	if w, _, _ := Pick(in, tbl); w < 0 || tbl.Backends[w].ID != "sa-node-1" {
+	if w, _, _ := Pick(&in, tbl); w < 0 || tbl.Backends[w].ID != "sa-node-1" {
 		t.Errorf("winner %d, want sa-node-1", w)
 	}
 }

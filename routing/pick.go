@@ -93,28 +93,6 @@ func (p *prepared) query(in *Input) query {
 	}
 }
 
-// unhealthyTier files unhealthy backends in Pick's small-table bitmaps.
-const unhealthyTier = GeoElsewhere + 1
-
-// tier is geo written so that it compiles to conditional moves (best match
-// assigned last), or unhealthyTier for an unhealthy backend.
-func (q query) tier(r *scoreRow) int {
-	t := GeoElsewhere
-	if r.region == q.local {
-		t = GeoLocalRegion
-	}
-	if r.region == q.region {
-		t = GeoSameRegion
-	}
-	if r.country == q.country {
-		t = GeoSameCountry
-	}
-	if !r.healthy {
-		t = unhealthyTier
-	}
-	return t
-}
-
 // geo is the tier of a backend for this query. A backend's empty name
 // (emptyName) never equals a client's empty or unknown one (unknownName).
 func (q query) geo(r *scoreRow) int {
@@ -162,7 +140,7 @@ func rejectReason(backends int, sawHealthy bool) RejectReason {
 // geo tier's floor (tier*100), so Pick visits backends tier by tier, best
 // tier first, and stops as soon as the best score so far is below the next
 // tier's floor; backends it never reaches have their live count unread.
-func Pick(in Input, t *Table) (winner int, sticky bool, reject RejectReason) {
+func Pick(in *Input, t *Table) (winner int, sticky bool, reject RejectReason) {
 	if t == nil || len(t.Backends) == 0 {
 		return -1, false, RejectTableEmpty
 	}
@@ -181,47 +159,94 @@ func Pick(in Input, t *Table) (winner int, sticky bool, reject RejectReason) {
 	// the scan of a small table.
 	var pk picker
 	pk.activeOf, pk.rows, pk.best = in.Active, p.rows, -1
-	q := p.query(&in)
-	if p.byCountry != nil {
-		return pk.pickIndexed(p, q, len(t.Backends))
+	if len(p.rows) >= indexedTableMin {
+		return pk.pickIndexed(p, in, len(t.Backends))
 	}
 
-	// A small table: one branch-free pass files each healthy backend under
-	// its tier in a bitmap (branches here would mispredict on every client
-	// whose geography differs from the last), then tiers are visited best
-	// first and only their backends have live counts read.
-	var tiers [8]uint32 // [tier] bit i: backend i; [unhealthyTier]: ignored
-	for i := range pk.rows {
-		tiers[q.tier(&pk.rows[i])&7] |= 1 << i
-	}
+	// A small table: each of the client's keys selects the bitmap of the
+	// healthy backends in its tier. A key is worked out only when its tier
+	// is reached, so a client whose own country settles the choice costs
+	// one key and one bitmap.
+	var visited uint32
 	for tier := range GeoElsewhere + 1 {
-		for m := tiers[tier]; m != 0; m &= m - 1 {
+		members := p.healthyMask
+		if tier != GeoElsewhere {
+			name, keys := in.LocalRegion, &p.byRegion
+			switch tier {
+			case GeoSameCountry:
+				name, keys = in.Client.Country, &p.byCountry
+			case GeoSameRegion:
+				name = in.Client.Region
+			}
+			// clientKey, with its common case inlined
+			key, ok := pairKey(name)
+			if !ok {
+				key = p.otherClientKey(name)
+			}
+			members = keys.maskOf(key)
+		}
+		members &^= visited
+		visited |= members
+		if pk.best < 0 && members != 0 && members&(members-1) == 0 {
+			if i := bits.TrailingZeros32(members); loneWinner(in, &p.rows[i], i) {
+				return i, false, ""
+			}
+		}
+		for m := members; m != 0; m &= m - 1 {
 			pk.consider(bits.TrailingZeros32(m), tier)
 		}
 		// Every backend not visited yet is in a tier above this one.
-		if pk.best >= 0 && pk.score < float64((tier+1)*100) {
+		if pk.settled(tier) {
 			break
 		}
 	}
-	sawHealthy := tiers[0]|tiers[1]|tiers[2]|tiers[3] != 0
-	return pk.result(len(t.Backends), sawHealthy)
+	return pk.result(len(t.Backends), p.healthyMask != 0)
+}
+
+// loneWinner reports whether backend i, the only healthy one in the best
+// tier that has any, wins without its score being computed (which costs two
+// dependent divisions): it is below its hard limit and its load term is
+// below 100, so nothing in a later tier can beat it. active <
+// 99*soft*weight bounds the load term below 100 with a margin of a whole
+// unit, far beyond the two roundings of active/soft/weight, so the
+// shortcut never disagrees with the formula.
+func loneWinner(in *Input, r *scoreRow, i int) bool {
+	a := activeCount(in.Active, i)
+	return !r.atHardLimit(a) && float64(a) < 99*r.soft*r.weight
+}
+
+// settled reports whether the best so far is below the floor of the tier
+// after tier.
+func (pk *picker) settled(tier int) bool {
+	return pk.best >= 0 && pk.score < float64((tier+1)*100)
 }
 
 // pickIndexed visits the client's country, then its region, then this POP's
 // region, and falls back to every backend only when none of those produced a
-// score below the next tier's floor.
-func (pk *picker) pickIndexed(p *prepared, q query, backends int) (int, bool, RejectReason) {
-	for tier, list := range [...][]int32{
-		GeoSameCountry: p.byCountry[q.country],
-		GeoSameRegion:  p.byRegion[q.region],
-		GeoLocalRegion: p.byRegion[q.local],
-	} {
-		for _, i := range list {
-			pk.consider(int(i), q.geo(&pk.rows[i]))
-		}
-		if pk.best >= 0 && pk.score < float64((tier+1)*100) {
-			return pk.result(backends, true)
-		}
+// score below the next tier's floor. As on a small table, each key is
+// worked out when its tier is reached; until then it is unknownName, which
+// no backend has, so geo ranks the rows of a list correctly.
+func (pk *picker) pickIndexed(p *prepared, in *Input, backends int) (int, bool, RejectReason) {
+	q := query{country: p.clientKey(in.Client.Country), region: unknownName, local: unknownName}
+	for _, i := range p.byCountry.backendsOf(q.country) {
+		pk.consider(int(i), GeoSameCountry)
+	}
+	if pk.settled(GeoSameCountry) {
+		return pk.result(backends, true)
+	}
+	q.region = p.clientKey(in.Client.Region)
+	for _, i := range p.byRegion.backendsOf(q.region) {
+		pk.consider(int(i), q.geo(&pk.rows[i]))
+	}
+	if pk.settled(GeoSameRegion) {
+		return pk.result(backends, true)
+	}
+	q.local = p.clientKey(in.LocalRegion)
+	for _, i := range p.byRegion.backendsOf(q.local) {
+		pk.consider(int(i), q.geo(&pk.rows[i]))
+	}
+	if pk.settled(GeoLocalRegion) {
+		return pk.result(backends, true)
 	}
 	sawHealthy := false
 	for i := range pk.rows {

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -52,7 +53,7 @@ var (
 // pickBoth runs Pick and Explain and fails if they disagree.
 func pickBoth(t *testing.T, in Input, tbl *Table) (winner string, sticky bool, reject RejectReason, d Decision) {
 	t.Helper()
-	w, sticky, reject := Pick(in, tbl)
+	w, sticky, reject := Pick(&in, tbl)
 	d = Explain(in, tbl)
 	if d.Winner != w || d.Sticky != sticky || d.Reject != reject {
 		t.Fatalf("Pick = (%d, %v, %q), Explain = (%d, %v, %q)", w, sticky, reject, d.Winner, d.Sticky, d.Reject)
@@ -204,6 +205,20 @@ func TestPick(t *testing.T) {
 			backends:   []Backend{backend("a-de", "eu", "DE"), backend("b-fr", "eu", "FR", limits(1, 0))},
 			client:     frenchClient,
 			active:     map[string]int{"b-fr": 150},
+			wantWinner: "a-de",
+		},
+		{
+			name:       "lone backend of the best tier just below the next tier's floor wins",
+			backends:   []Backend{backend("a-de", "eu", "DE"), backend("b-fr", "eu", "FR", limits(2, 0))},
+			client:     frenchClient,
+			active:     map[string]int{"b-fr": 199}, // 99.5 < 100
+			wantWinner: "b-fr",
+		},
+		{
+			name:       "lone backend of the best tier at the next tier's floor ties and loses on load",
+			backends:   []Backend{backend("a-de", "eu", "DE"), backend("b-fr", "eu", "FR", limits(1, 0))},
+			client:     frenchClient,
+			active:     map[string]int{"b-fr": 100}, // 100 == 100, fewer active wins
 			wantWinner: "a-de",
 		},
 		{
@@ -407,7 +422,7 @@ func TestPickDoesNotAllocate(t *testing.T) {
 	tbl := benchTable(100)
 	counts := make([]int, 100)
 	in := Input{Client: frenchClient, LocalRegion: "sa", Active: func(i int) int { return counts[i] }, BoundID: "b-0042"}
-	if n := testing.AllocsPerRun(200, func() { Pick(in, tbl) }); n != 0 {
+	if n := testing.AllocsPerRun(200, func() { Pick(&in, tbl) }); n != 0 {
 		t.Errorf("Pick allocates %v times per call", n)
 	}
 }
@@ -477,9 +492,9 @@ func TestPickAgreesWithExplainOnRandomTables(t *testing.T) {
 	countries := []string{"BR", "AR", "US", "FR", "DE", "JP", "", "fr"}
 	pickFrom := func(s []string) string { return s[rng.IntN(len(s))] }
 	for iter := range 20000 {
-		n := rng.IntN(25)
+		n := rng.IntN(indexedTableMin) // bitmaps, up to the last bit
 		if iter%4 == 0 {
-			n = rng.IntN(3 * indexedTableMin) // large enough for the per-key lists
+			n = indexedTableMin + rng.IntN(indexedTableMin) // per-key lists
 		}
 		bs := make([]Backend, n)
 		for i := range bs {
@@ -499,6 +514,10 @@ func TestPickAgreesWithExplainOnRandomTables(t *testing.T) {
 		counts := make([]int, n)
 		for i := range counts {
 			counts[i] = rng.IntN(10) - 1
+			if rng.IntN(8) == 0 {
+				// loads around and past a tier's width of 100
+				counts[i] = rng.IntN(1300)
+			}
 		}
 		in := Input{
 			Client:      Client{Country: pickFrom(countries), Region: pickFrom(regions)},
@@ -511,7 +530,7 @@ func TestPickAgreesWithExplainOnRandomTables(t *testing.T) {
 			in.BoundID = "absent"
 		}
 
-		w, sticky, reject := Pick(in, tbl)
+		w, sticky, reject := Pick(&in, tbl)
 		d := Explain(in, tbl)
 		rw, rsticky, rreject := referencePick(in, tbl)
 		if w != d.Winner || sticky != d.Sticky || reject != d.Reject || w != rw || sticky != rsticky || reject != rreject {
@@ -578,14 +597,53 @@ func TestPickWithLongNamesDoesNotAllocate(t *testing.T) {
 	}
 	tbl := mustTable(t, bs)
 	in := Input{Client: Client{Country: "FR", Region: "Europe-West-Paris"}, LocalRegion: "SOUTH-AMERICA-EAST"}
-	if w, _, _ := Pick(in, tbl); w != 1 {
+	if w, _, _ := Pick(&in, tbl); w != 1 {
 		t.Errorf("winner %d, want 1 (same country)", w)
 	}
 	in.Client.Country = ""
 	if w, _, _, d := pickBoth(t, in, tbl); w != "b" || d.Candidates[1].Geo != GeoSameRegion || d.Candidates[0].Geo != GeoLocalRegion {
 		t.Errorf("winner %q, candidates %+v", w, d.Candidates)
 	}
-	if n := testing.AllocsPerRun(100, func() { Pick(in, tbl) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { Pick(&in, tbl) }); n != 0 {
 		t.Errorf("Pick allocates %v times per call with long region names", n)
+	}
+}
+
+// TestPackNameFoldsCaseLikeStringsToLower checks the word-at-a-time case
+// folding against strings.ToLower on every byte in every position of names
+// of 1 to 7 bytes, and that only ASCII names are packed.
+func TestPackNameFoldsCaseLikeStringsToLower(t *testing.T) {
+	for length := 1; length <= 7; length++ {
+		for pos := range length {
+			for c := range 256 {
+				name := []byte(strings.Repeat("Qz", 4)[:length])
+				name[pos] = byte(c)
+				s := string(name)
+				got, ok := packName(s)
+				if c >= 0x80 {
+					if ok {
+						t.Fatalf("packName(%q) packed a non-ASCII name", s)
+					}
+					continue
+				}
+				want, _ := packName(strings.ToLower(s))
+				lower, _ := packName(strings.ToUpper(s))
+				if !ok || got != want || got != lower {
+					t.Fatalf("packName(%q) = %#x, %v; lower-case %#x, upper-case %#x", s, got, ok, want, lower)
+				}
+				var plain nameKey
+				for i := range len(s) {
+					plain |= nameKey(strings.ToLower(s)[i]) << (8 * i)
+				}
+				if plain|nameKey(len(s))<<56 != got {
+					t.Fatalf("packName(%q) = %#x, want the lower-case bytes %#x", s, got, plain|nameKey(len(s))<<56)
+				}
+			}
+		}
+	}
+	for _, s := range []string{"", "eightlon"} {
+		if _, ok := packName(s); ok {
+			t.Errorf("packName(%q) packed a name outside 1..7 bytes", s)
+		}
 	}
 }

@@ -139,7 +139,7 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 		Active:      func(i int) int { return int(v.states[i].active.Load()) },
 		BoundID:     bound,
 	}
-	winner, sticky, reject := routing.Pick(in, t)
+	winner, sticky, reject := routing.Pick(&in, t)
 	if winner < 0 {
 		b.mu.Unlock()
 		b.countReject(reject)
