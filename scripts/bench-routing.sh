@@ -12,8 +12,8 @@ out=$(go test ./routing/ -run '^$' -bench . -benchmem -count "$count")
 	echo "\`go test ./routing/ -run '^\$' -bench . -benchmem -count $count\`, medians; the Rust edgeProxy documents"
 	echo "about 100 ns, 1 µs and 10 µs for a decision over 10, 100 and 1,000 backends (target: 2x faster)."
 	echo
-	echo "| benchmark | ns/op | B/op | allocs/op | Rust edgeProxy | speed-up |"
-	echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+	echo "| benchmark | ns/op | range of the runs, ns/op | B/op | allocs/op | Rust edgeProxy | speed-up |"
+	echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 	echo "$out" | awk '
 		/^Benchmark/ {
 			name=$1; sub(/-[0-9]+$/, "", name)
@@ -34,7 +34,7 @@ out=$(go test ./routing/ -run '^$' -bench . -benchmem -count "$count")
 				med = (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
 				r = (name in rust) ? sprintf("%d ns", rust[name]) : "—"
 				s = (name in rust) ? sprintf("%.1fx", rust[name] / med) : "—"
-				printf "| %s | %.1f | %s | %s | %s | %s |\n", substr(name, 10), med, bop[name], al[name], r, s
+				printf "| %s | %.1f | %.1f – %.1f | %s | %s | %s | %s |\n", substr(name, 10), med, v[1], v[m], bop[name], al[name], r, s
 			}
 		}'
 	echo
