@@ -22,7 +22,7 @@ type keyEntry struct {
 
 // newKeyTable sizes a table for up to n keys.
 func newKeyTable(n int) keyTable {
-	size := 1 << max(bits.Len(uint(4*n-1)), 3)
+	size := 1 << max(bits.Len(uint(4*max(n, 1)-1)), 3)
 	return keyTable{entries: make([]keyEntry, size), shift: uint8(64 - bits.TrailingZeros(uint(size)))}
 }
 

@@ -19,9 +19,9 @@ func TestKeyTableFindsEveryKeyAndNothingElse(t *testing.T) {
 		}
 		return k
 	}
-	for n := 1; n <= 300; n++ {
+	for n := 0; n <= 300; n++ {
 		kt := newKeyTable(n)
-		if len(kt.entries) < 4*n || len(kt.entries)&(len(kt.entries)-1) != 0 {
+		if len(kt.entries) < 4*max(n, 1) || len(kt.entries)&(len(kt.entries)-1) != 0 {
 			t.Fatalf("newKeyTable(%d) has %d slots, want a power of two of at least %d", n, len(kt.entries), 4*n)
 		}
 		for i := range n {
