@@ -171,13 +171,7 @@ func Pick(in *Input, t *Table) (winner int, sticky bool, reject RejectReason) {
 	for tier := range GeoElsewhere + 1 {
 		members := p.healthyMask
 		if tier != GeoElsewhere {
-			name, keys := in.LocalRegion, &p.byRegion
-			switch tier {
-			case GeoSameCountry:
-				name, keys = in.Client.Country, &p.byCountry
-			case GeoSameRegion:
-				name = in.Client.Region
-			}
+			name, keys := p.tierName(in, tier)
 			// clientKey, with its common case inlined
 			key, ok := pairKey(name)
 			if !ok {
@@ -215,6 +209,18 @@ func loneWinner(in *Input, r *scoreRow, i int) bool {
 	return !r.atHardLimit(a) && float64(a) < 99*r.soft*r.weight
 }
 
+// tierName is the client-side name that selects the backends of tier
+// (GeoSameCountry to GeoLocalRegion) and the key table they are found in.
+func (p *prepared) tierName(in *Input, tier int) (string, *keyTable) {
+	switch tier {
+	case GeoSameCountry:
+		return in.Client.Country, &p.byCountry
+	case GeoSameRegion:
+		return in.Client.Region, &p.byRegion
+	}
+	return in.LocalRegion, &p.byRegion
+}
+
 // settled reports whether the best so far is below the floor of the tier
 // after tier.
 func (pk *picker) settled(tier int) bool {
@@ -227,26 +233,16 @@ func (pk *picker) settled(tier int) bool {
 // worked out when its tier is reached; until then it is unknownName, which
 // no backend has, so geo ranks the rows of a list correctly.
 func (pk *picker) pickIndexed(p *prepared, in *Input, backends int) (int, bool, RejectReason) {
-	q := query{country: p.clientKey(in.Client.Country), region: unknownName, local: unknownName}
-	for _, i := range p.byCountry.backendsOf(q.country) {
-		pk.consider(int(i), GeoSameCountry)
-	}
-	if pk.settled(GeoSameCountry) {
-		return pk.result(backends, true)
-	}
-	q.region = p.clientKey(in.Client.Region)
-	for _, i := range p.byRegion.backendsOf(q.region) {
-		pk.consider(int(i), q.geo(&pk.rows[i]))
-	}
-	if pk.settled(GeoSameRegion) {
-		return pk.result(backends, true)
-	}
-	q.local = p.clientKey(in.LocalRegion)
-	for _, i := range p.byRegion.backendsOf(q.local) {
-		pk.consider(int(i), q.geo(&pk.rows[i]))
-	}
-	if pk.settled(GeoLocalRegion) {
-		return pk.result(backends, true)
+	q := query{country: unknownName, region: unknownName, local: unknownName}
+	for tier, key := range [...]*nameKey{GeoSameCountry: &q.country, GeoSameRegion: &q.region, GeoLocalRegion: &q.local} {
+		name, keys := p.tierName(in, tier)
+		*key = p.clientKey(name)
+		for _, i := range keys.backendsOf(*key) {
+			pk.consider(int(i), q.geo(&pk.rows[i]))
+		}
+		if pk.settled(tier) {
+			return pk.result(backends, true)
+		}
 	}
 	sawHealthy := false
 	for i := range pk.rows {
