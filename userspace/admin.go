@@ -71,7 +71,11 @@ type Status struct {
 	Active           int               `json:"active"`
 	Rejected         map[string]uint64 `json:"rejected"`
 	Verdicts         map[string]uint64 `json:"verdicts,omitempty"`
-	Backends         []BackendStatus   `json:"backends"`
+	// Panic is true while checks hold every backend down and routing
+	// uses all of them anyway.
+	Panic    bool            `json:"panic"`
+	MaxConns int64           `json:"max_conns"`
+	Backends []BackendStatus `json:"backends"`
 }
 
 // BackendStatus is one backend of the current routing table.
@@ -89,6 +93,12 @@ type BackendStatus struct {
 	ConnectErrors  uint64 `json:"connect_errors"`
 	BytesToBackend uint64 `json:"bytes_to_backend"`
 	BytesToClient  uint64 `json:"bytes_to_client"`
+	// State is up, down (checks or failed dials) or admin_down
+	// (healthy=0 in routing.db, which always wins).
+	State          HealthState `json:"state"`
+	StateSince     time.Time   `json:"state_since"`
+	LastError      string      `json:"last_error"`
+	ConnectRetries uint64      `json:"connect_retries"`
 }
 
 // Status assembles the proxy's current state.
@@ -107,6 +117,8 @@ func (p *Proxy) Status() Status {
 		Verdicts:        plane.Verdicts,
 		Rejected:        p.balancer.RejectedCounts(),
 		Bindings:        p.balancer.Bindings(),
+		Panic:           p.balancer.Panicking(),
+		MaxConns:        p.admission.maxConns,
 	}
 	st.LastReloadResult = "ok"
 	if err != nil {
@@ -118,11 +130,19 @@ func (p *Proxy) Status() Status {
 	}
 	for _, b := range t.Backends {
 		c := counters[b.ID]
+		state := StateUp
+		switch {
+		case !b.Healthy:
+			state = StateAdminDown
+		case c.Down:
+			state = StateDown
+		}
 		st.Backends = append(st.Backends, BackendStatus{
 			ID: b.ID, Region: b.Region, Country: b.Country, Address: b.AddrPort().String(),
 			Healthy: b.Healthy, Weight: b.Weight, SoftLimit: b.SoftLimit, HardLimit: b.HardLimit,
 			Active: c.Active, Total: c.Total, ConnectErrors: c.ConnectErrs,
 			BytesToBackend: c.BytesIn, BytesToClient: c.BytesOut,
+			State: state, StateSince: c.Since, LastError: c.LastError, ConnectRetries: c.Retries,
 		})
 	}
 	sort.Slice(st.Backends, func(i, j int) bool { return st.Backends[i].ID < st.Backends[j].ID })
@@ -195,17 +215,29 @@ var (
 	descReloads     = prometheus.NewDesc("edgeproxy_routing_reloads_total", "Routing database reloads by result.", []string{"result"}, nil)
 	descBindings    = prometheus.NewDesc("edgeproxy_affinity_bindings", "Client affinity bindings held.", nil, nil)
 	descVerdicts    = prometheus.NewDesc("edgeproxy_verdicts_total", "Stream verdicts of the sockmap program by reason.", []string{"reason"}, nil)
+	descBackendUp   = prometheus.NewDesc("edgeproxy_backend_up", "1 when the backend may take connections, 0 when checks or routing.db (healthy=0) hold it down.", []string{"backend"}, nil)
+	descChecks      = prometheus.NewDesc("edgeproxy_health_checks_total", "Active health checks by result.", []string{"backend", "result"}, nil)
+	descRetries     = prometheus.NewDesc("edgeproxy_connect_retries_total", "Connections retried on another backend after a dial to this one failed.", []string{"backend"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnections, descActive, descRejected, descBytes, descConnectErrs, descReloads, descBindings, descVerdicts} {
+	for _, d := range []*prometheus.Desc{descConnections, descActive, descRejected, descBytes, descConnectErrs, descReloads, descBindings, descVerdicts, descBackendUp, descChecks, descRetries} {
 		ch <- d
 	}
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	p := c.p
+	t := p.store.Current()
 	for _, b := range p.backendCounters() {
+		up := 0.0
+		if i := t.Index(b.ID); i >= 0 && t.Backends[i].Healthy && !b.Down {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descBackendUp, prometheus.GaugeValue, up, b.ID)
+		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(b.ChecksOK), b.ID, "ok")
+		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(b.ChecksFailed), b.ID, "fail")
+		ch <- prometheus.MustNewConstMetric(descRetries, prometheus.CounterValue, float64(b.Retries), b.ID)
 		ch <- prometheus.MustNewConstMetric(descConnections, prometheus.CounterValue, float64(b.Total), b.ID)
 		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(b.Active), b.ID)
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(b.BytesIn), b.ID, "client_to_backend")
