@@ -62,7 +62,8 @@ func NewClientLimiter(maxConns int, perSecond float64, maxTracked int, now func(
 		now:        now,
 		conns:      map[netip.Addr]int{},
 	}
-	if perSecond > 0 {
+	// NaN and +Inf, like 0, mean no rate limit.
+	if perSecond > 0 && !math.IsInf(perSecond, 1) {
 		l.limit = rate.Limit(perSecond)
 		l.burst = max(1, int(math.Ceil(perSecond)))
 		l.buckets = make(map[netip.Addr]*rateBucket, min(l.maxTracked, 1024))
@@ -100,6 +101,9 @@ func (l *ClientLimiter) Admit(addr netip.Addr) (release func(), reason string) {
 	}
 	l.conns[addr] = n + 1
 	l.mu.Unlock()
+	// The one allocation of an admission (two small objects): a release
+	// that knows whether it already ran. A recycled one could not tell a
+	// late second call from the next owner's.
 	var done atomic.Bool
 	return func() {
 		if done.CompareAndSwap(false, true) {

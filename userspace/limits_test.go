@@ -1,6 +1,7 @@
 package userspace
 
 import (
+	"math"
 	"net/netip"
 	"slices"
 	"sync"
@@ -53,6 +54,13 @@ func TestClientLimiterAdmits(t *testing.T) {
 	}{
 		{
 			name: "both limits off admits everything",
+			steps: []step{
+				{admit: a}, {admit: a}, {admit: a}, {admit: a},
+			},
+		},
+		{
+			name:      "an infinite rate is no rate limit",
+			perSecond: math.Inf(1),
 			steps: []step{
 				{admit: a}, {admit: a}, {admit: a}, {admit: a},
 			},
