@@ -101,9 +101,9 @@ func (l *ClientLimiter) Admit(addr netip.Addr) (release func(), reason string) {
 	}
 	l.conns[addr] = n + 1
 	l.mu.Unlock()
-	// The one allocation of an admission (two small objects): a release
-	// that knows whether it already ran. A recycled one could not tell a
-	// late second call from the next owner's.
+	// What an admission allocates (the closure and its flag, about 50
+	// bytes): a release that knows whether it already ran. A recycled one
+	// could not tell a late second call from the next owner's.
 	var done atomic.Bool
 	return func() {
 		if done.CompareAndSwap(false, true) {
