@@ -360,8 +360,8 @@ func betterCandidate(t *routing.Table, a, b *routing.Candidate) bool {
 
 // Rejection reasons decided before or after routing, beside routing's own.
 const (
-	RejectClientMaxConns routing.RejectReason = "client_max_conns"
-	RejectClientRate     routing.RejectReason = "client_rate"
+	RejectClientMaxConns routing.RejectReason = "client_max_conns" // the address holds its concurrent cap
+	RejectClientRate     routing.RejectReason = "client_rate"      // the address opened connections faster than its rate
 	RejectMaxConns       routing.RejectReason = "max_conns"
 	RejectProxyProtocol  routing.RejectReason = "proxy_protocol"
 	RejectAllDialsFailed routing.RejectReason = "all_dials_failed"
@@ -482,6 +482,7 @@ type BackendCounters struct {
 	Retries                uint64
 	ChecksOK, ChecksFailed uint64
 	Down                   bool // held down by checks or failed dials
+	Up                     bool // metrics only: neither checks nor healthy=0 hold it down
 	Since                  time.Time
 	LastError              string
 }

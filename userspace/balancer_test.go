@@ -75,16 +75,12 @@ func backend(id, country string, port uint16) routing.Backend {
 		Port: port, Healthy: true, Weight: 1, SoftLimit: 10}
 }
 
-type fakeClock struct{ now time.Time }
-
-func (c *fakeClock) Now() time.Time { return c.now }
-
 func newTestBalancer(t *testing.T, backends ...routing.Backend) (*Balancer, *fixedTables, *recordingMirror, *fakeClock) {
 	t.Helper()
 	tables := &fixedTables{}
 	tables.set(t, backends...)
 	mirror := newRecordingMirror()
-	clock := &fakeClock{now: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
+	clock := newFakeClock()
 	b := &Balancer{
 		Store: tables, LocalRegion: "sa", Now: clock.Now, BindingTTL: time.Minute,
 		Affinity: newMemoryAffinity(), Mirror: mirror,
@@ -259,7 +255,7 @@ func TestBindingMovesToTheBackendThatAnswered(t *testing.T) {
 		t.Fatalf("bound to %q, want %q", id, l.Backend.ID)
 	}
 	first := l.Backend.ID
-	clock.now = clock.now.Add(5 * time.Second)
+	clock.Advance(5 * time.Second)
 	sticky := mustAcquire(t, b)
 	if !sticky.Sticky || sticky.Backend.ID != first {
 		t.Fatalf("second connection went to %s (sticky=%v), want the bound %s", sticky.Backend.ID, sticky.Sticky, first)
