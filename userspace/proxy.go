@@ -124,9 +124,18 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		}
 		return nil, err
 	}
+	adminConns := 0
+	if p.adminLn != nil {
+		adminConns = defaultAdminLimits.MaxConns
+	}
+	fileCap := maxConnsForFileLimit(p.plane.Name(), cfg.Health.Workers, adminConns)
 	p.admission.maxConns = int64(cfg.MaxConns)
-	if cfg.MaxConns == 0 {
-		p.admission.maxConns = maxConnsForFileLimit(p.plane.Name(), cfg.Health.Workers)
+	switch {
+	case cfg.MaxConns == 0:
+		p.admission.maxConns = fileCap
+	case fileCap > 0 && int64(cfg.MaxConns) > fileCap:
+		log.Warn("EDGEPROXY_MAX_CONNS is above what the open-file limit holds: descriptors may run out first",
+			"max_conns", cfg.MaxConns, "open_file_limit_holds", fileCap)
 	}
 	if p.adminLn != nil {
 		p.admin = p.newAdminServer()
@@ -138,12 +147,13 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 const clientsTracked = 1 << 16
 
 // maxConnsForFileLimit is EDGEPROXY_MAX_CONNS's default: as many
-// connections as the open-file limit holds, after a reserve for the
-// listeners, admin connections, BPF objects and health probes, so that
-// the cap refuses a client before descriptors run out. A connection holds
-// 2 descriptors on the sockmap plane, 6 on the splice plane (2 sockets and
-// the 2 pipes of its splices).
-func maxConnsForFileLimit(plane string, healthWorkers int) int64 {
+// connections as the open-file limit holds after a reserve, so that the cap
+// refuses a client before descriptors run out. The reserve is what the
+// process holds already (listeners, BPF objects, the database watcher),
+// what the admin server may hold at most, one per health probe in flight,
+// and a margin. A connection holds 2 descriptors on the sockmap plane, 6
+// on the splice plane (2 sockets and the 2 pipes of its splices).
+func maxConnsForFileLimit(plane string, healthWorkers, adminConns int) int64 {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == ^uint64(0) {
 		return 0
@@ -152,11 +162,24 @@ func maxConnsForFileLimit(plane string, healthWorkers int) int64 {
 	if plane == "splice" {
 		perConn = 6
 	}
-	reserve := uint64(64 + 2*healthWorkers)
-	if lim.Cur <= reserve+perConn {
+	reserve := uint64(openFiles() + adminConns + healthWorkers + fileMargin)
+	if lim.Cur < reserve+perConn {
 		return 1
 	}
 	return int64((lim.Cur - reserve) / perConn)
+}
+
+// fileMargin covers descriptors opened briefly: a routing.db reload, a geo
+// database refresh, a client accepted only to be refused.
+const fileMargin = 16
+
+// openFiles counts this process's open descriptors.
+func openFiles() int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return 64 // not Linux or no /proc: assume a typical start
+	}
+	return len(entries)
 }
 
 // choosePlane loads the BPF state where BPF is usable (it also holds the
