@@ -75,9 +75,9 @@ func ipLocationDBRecord(country string) mmdbtype.Map {
 
 func testRecords(record func(string) mmdbtype.Map) map[string]mmdbtype.Map {
 	return map[string]mmdbtype.Map{
-		"81.2.69.0/24":    record("FR"),
+		"81.2.69.0/24":   record("FR"),
 		"89.160.20.0/24": record("BR"),
-		"2a02:cf40::/32":   record("JP"),
+		"2a02:cf40::/32": record("JP"),
 	}
 }
 
@@ -93,21 +93,21 @@ func TestGeoFormats(t *testing.T) {
 		{"maxmind-shaped records under another type", mmdb(t, "Acme-Country", testRecords(func(c string) mmdbtype.Map { return maxmindRecord(c, c) })), "maxmind-compatible Acme-Country"},
 	}
 	lookups := map[string]string{
-		"81.2.69.55":               "FR",
-		"::ffff:81.2.69.55":        "FR", // IPv4-mapped IPv6 is looked up as IPv4
-		"89.160.20.1":             "BR",
+		"81.2.69.55":                "FR",
+		"::ffff:81.2.69.55":         "FR", // IPv4-mapped IPv6 is looked up as IPv4
+		"89.160.20.1":               "BR",
 		"2a02:cf40:1234::1":         "JP",
 		"175.16.199.9":              "", // not in the database
 		"2a02:cf41::1":              "",
 		"::ffff:175.16.199.9":       "",
-		"fe80::1%eth0":             "",
+		"fe80::1%eth0":              "",
 		"2a02:cf40::1%eth0":         "JP", // the zone does not matter
-		"0.0.0.0":                  "",
-		"255.255.255.255":          "",
+		"0.0.0.0":                   "",
+		"255.255.255.255":           "",
 		"2a02:cf40:ffff:ffff::ff":   "JP",
-		"::ffff:89.160.20.254":    "BR",
-		"89.160.20.255":           "BR",
-		"81.2.68.255":              "",
+		"::ffff:89.160.20.254":      "BR",
+		"89.160.20.255":             "BR",
+		"81.2.68.255":               "",
 		"2a02:cf3f:ffff:ffff::ffff": "",
 	}
 	for _, tc := range tests {
