@@ -269,9 +269,10 @@ func parsePop(v []any) (p Pop, deleted bool, errs []RowError) {
 func checkHostAddrs(p Pop, val any, hostAddrs []netip.Addr) []RowError {
 	for _, pfx := range p.AllowedIPs {
 		for _, a := range hostAddrs {
-			if pfx.Contains(a.WithZone("").Unmap()) {
+			// Prefix.Contains never matches a zoned address.
+			if a = a.WithZone("").Unmap(); pfx.Contains(a) {
 				return []RowError{{Table: popsTable, ID: p.ID, Column: "allowed_ips", Value: valueText(val),
-					Reason: fmt.Sprintf("%s covers %s, an address of this host", pfx, a.WithZone(""))}}
+					Reason: fmt.Sprintf("%s covers %s, an address of this host", pfx, a)}}
 			}
 		}
 	}
