@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"syscall"
 	"time"
@@ -42,6 +43,9 @@ type Config struct {
 	IdleTimeout    time.Duration // EDGEPROXY_IDLE_TIMEOUT_SECS; 0: off
 	MaxBufferedMB  int           // EDGEPROXY_MAX_BUFFERED_MB
 	StallTimeout   time.Duration // EDGEPROXY_STALL_TIMEOUT_SECS; 0: off
+	// LoadOptions are how routing.db is read (the overlay's host
+	// addresses and POP id); New adds the listen-address check.
+	LoadOptions routing.LoadOptions
 	// OnTable, if set, is called with every routing table published
 	// (the first included), from the reload goroutine: the overlay
 	// follows the pops table through it.
@@ -78,7 +82,9 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	default:
 		return nil, fmt.Errorf("data plane %q: must be auto, sockmap or splice", cfg.Dataplane)
 	}
-	store, err := routing.OpenStore(cfg.DBPath)
+	opts := cfg.LoadOptions
+	opts.IsSelf = selfCheck(cfg.ListenAddr)
+	store, err := routing.OpenStoreWith(cfg.DBPath, opts)
 	if err != nil {
 		return nil, fmt.Errorf("open routing database: %w", err)
 	}
@@ -141,6 +147,50 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		p.admin = p.newAdminServer()
 	}
 	return p, nil
+}
+
+// selfCheck reports whether a backend address is this proxy's own
+// listener, which it would dial until descriptors run out. With an
+// unspecified listen address every local address on the listen port is
+// the proxy itself.
+func selfCheck(listen string) func(netip.AddrPort) bool {
+	host, portText, err := net.SplitHostPort(listen)
+	if err != nil {
+		return nil
+	}
+	port, err := net.LookupPort("tcp", portText)
+	if err != nil {
+		return nil
+	}
+	var bound netip.Addr
+	if host != "" {
+		if bound, err = netip.ParseAddr(host); err != nil {
+			return nil // a name: Listen resolves it, and so would we
+		}
+		bound = bound.Unmap()
+	}
+	return func(ap netip.AddrPort) bool {
+		if int(ap.Port()) != port {
+			return false
+		}
+		a := ap.Addr().Unmap().WithZone("")
+		if bound.IsValid() && !bound.IsUnspecified() {
+			return a == bound
+		}
+		if a.IsLoopback() {
+			return true
+		}
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			return false
+		}
+		for _, ia := range addrs {
+			if pfx, err := netip.ParsePrefix(ia.String()); err == nil && pfx.Addr().Unmap().WithZone("") == a {
+				return true
+			}
+		}
+		return false
+	}
 }
 
 // clientsTracked bounds the per-address rate buckets kept in memory.
@@ -230,7 +280,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	p.log.Info("edgeproxy started",
 		"listen", p.ln.Addr().String(), "region", p.cfg.Region,
 		"dataplane", p.plane.Name(), "reason", p.DataplaneReason,
-		"db", p.cfg.DBPath, "geoip", p.geo.Current().Kind(),
+		"db", p.cfg.DBPath, "geoip", p.geo.Describe(),
 		"backends", len(p.store.Current().Backends), "admin", p.cfg.AdminAddr,
 		"max_conns", p.admission.maxConns, "health_interval", p.cfg.Health.Interval)
 	accept, stopAccepting := context.WithCancel(context.Background())

@@ -3,7 +3,6 @@
 package wgmesh
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -398,7 +397,7 @@ func (m *Mesh) HostAddrs() []netip.Addr {
 // row skipped", once per distinct set, not at every call); the error is
 // the reconcile's, or the database's, in which case nothing changes.
 //
-// Sync and Watch serve callers that have no routing store; `edgeproxy run`
+// Sync serves callers that have no routing store; `edgeproxy run`
 // hands the store's tables to Apply instead (cmd/edgeproxy startOverlay).
 func (m *Mesh) Sync(dbPath string) error {
 	pops, rowErrs, err := routing.LoadPops(dbPath, m.LoadOptions())
@@ -424,42 +423,6 @@ func (m *Mesh) logRowErrors(rowErrs []error) {
 	}
 	for _, e := range rowErrs {
 		m.log.Warn("pops row skipped", "interface", m.settings.Interface, "err", e.Error())
-	}
-}
-
-// DefaultWatchInterval is Watch's interval when given none.
-const DefaultWatchInterval = 5 * time.Second
-
-// Watch calls Sync every interval until ctx ends or the mesh is closed, so
-// a change to the pops table is applied within one interval. An error is
-// logged when it differs from the previous one, not at every tick. It is
-// the polling path for callers without a routing store; with one, call
-// Apply from the store's reload hook instead and do not run both.
-func (m *Mesh) Watch(ctx context.Context, dbPath string, interval time.Duration) {
-	if interval <= 0 {
-		interval = DefaultWatchInterval
-	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	last := ""
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		err := m.Sync(dbPath)
-		if errors.Is(err, ErrClosed) {
-			return
-		}
-		msg := ""
-		if err != nil {
-			msg = err.Error()
-		}
-		if msg != last && msg != "" {
-			m.log.Warn("wireguard reconcile incomplete", "interface", m.settings.Interface, "db", dbPath, "err", msg)
-		}
-		last = msg
 	}
 }
 

@@ -3,20 +3,15 @@
 package wgmesh
 
 import (
-	"context"
 	"errors"
 	"log/slog"
 	"net/netip"
-	"time"
 
 	"github.com/edgeproxy/edgeproxy/routing"
 )
 
 // errNotLinux: the overlay drives netlink, TUN and Linux's WireGuard.
 var errNotLinux = errors.New("the wireguard overlay needs Linux")
-
-// DefaultWatchInterval is Watch's interval when given none.
-const DefaultWatchInterval = 5 * time.Second
 
 // Mesh is this POP's WireGuard interface; off Linux it cannot be opened.
 type Mesh struct {
@@ -40,5 +35,4 @@ func (m *Mesh) HostAddrs() []netip.Addr       { return nil }
 func (m *Mesh) LoadOptions() routing.LoadOptions {
 	return routing.LoadOptions{PopID: m.settings.PopID, HostAddrs: m.HostAddrs}
 }
-func (m *Mesh) Watch(ctx context.Context, _ string, _ time.Duration) {}
-func (m *Mesh) Close() error                                         { return nil }
+func (m *Mesh) Close() error { return nil }
