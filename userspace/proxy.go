@@ -298,6 +298,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	}
 	if p.cfg.OnTable != nil {
 		p.cfg.OnTable(p.store.Current())
+		go p.reapplyTable(stop)
 	}
 	go p.store.Watch(stop, routing.DefaultPoll, p.cfg.DBReload, p.onReload)
 	go p.balancer.runHealthChecks(stop, p.cfg.Health, tcpProbe)
@@ -391,6 +392,25 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 		p.cfg.OnTable(r.Table)
 	}
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
+}
+
+// reapplyTable hands the current table to OnTable every reload interval
+// even when nothing changed, so state outside the proxy that drifted (a
+// WireGuard route an operator removed by hand) is put back.
+func (p *Proxy) reapplyTable(ctx context.Context) {
+	if p.cfg.DBReload <= 0 {
+		return
+	}
+	t := time.NewTicker(p.cfg.DBReload)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			p.cfg.OnTable(p.store.Current())
+		}
+	}
 }
 
 func (p *Proxy) sweepBindings(ctx context.Context) {
