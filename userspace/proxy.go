@@ -83,7 +83,7 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		return nil, fmt.Errorf("data plane %q: must be auto, sockmap or splice", cfg.Dataplane)
 	}
 	opts := cfg.LoadOptions
-	opts.IsSelf = selfCheck(cfg.ListenAddr)
+	opts.IsSelf = SelfCheck(cfg.ListenAddr)
 	store, err := routing.OpenStoreWith(cfg.DBPath, opts)
 	if err != nil {
 		return nil, fmt.Errorf("open routing database: %w", err)
@@ -149,11 +149,11 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	return p, nil
 }
 
-// selfCheck reports whether a backend address is this proxy's own
+// SelfCheck reports whether a backend address is this proxy's own
 // listener, which it would dial until descriptors run out. With an
 // unspecified listen address every local address on the listen port is
 // the proxy itself.
-func selfCheck(listen string) func(netip.AddrPort) bool {
+func SelfCheck(listen string) func(netip.AddrPort) bool {
 	host, portText, err := net.SplitHostPort(listen)
 	if err != nil {
 		return nil

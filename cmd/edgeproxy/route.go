@@ -50,7 +50,10 @@ func newRouteCommand(e env) *cobra.Command {
 				return fmt.Errorf("client address %q: %w", args[0], err)
 			}
 			addr = addr.Unmap()
-			table, rowErrs, err := routing.LoadTable(dbPath)
+			// Rows pointing at the proxy's own listener are skipped as
+			// `run` skips them.
+			self := userspace.SelfCheck(e.str("EDGEPROXY_LISTEN_ADDR", "0.0.0.0:8080"))
+			table, rowErrs, err := routing.LoadTableWith(dbPath, routing.LoadOptions{IsSelf: self})
 			if err != nil {
 				return err
 			}
