@@ -19,6 +19,11 @@ var ErrNotSupported = errors.New("sockmap data plane not supported")
 // established sockets.
 var ErrNotEstablished = errors.New("socket no longer established")
 
+// ErrClientStaysPaired comes with a Pair that failed after the client
+// socket joined the sockhash: it stays there, and its pairings stay until
+// Unpair.
+var ErrClientStaysPaired = errors.New("client socket stays in the sockhash")
+
 // ErrAlreadyLoaded says another live edgeproxy holds the pin path.
 var ErrAlreadyLoaded = errors.New("data plane already loaded by another process")
 

@@ -251,7 +251,7 @@ func (s *Sockmap) Pair(p Pair) error {
 		// The client socket stays in: taking it out would drop the bytes
 		// the verdict already passed to its queue. Unarmed, it behaves as
 		// a plain socket whose bytes userspace reads.
-		return fmt.Errorf("insert backend socket into sockhash: %w", establishedErr(err))
+		return fmt.Errorf("insert backend socket into sockhash: %w (%w)", establishedErr(err), ErrClientStaysPaired)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -216,7 +217,26 @@ func (p *Proxy) newAdminServer() *http.Server {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	return newAdminHTTPServer(mux, defaultAdminLimits)
+	srv := newAdminHTTPServer(mux, defaultAdminLimits)
+	if p.log != nil {
+		// The server logs each failed accept (out of descriptors) as it
+		// retries: one line per cause and period is enough.
+		srv.ErrorLog = log.New(adminErrorWriter{newThrottledLog(p.log, 10*time.Second)}, "", 0)
+	}
+	return srv
+}
+
+// adminErrorWriter turns net/http's error lines into throttled warnings.
+type adminErrorWriter struct{ warn *throttledLog }
+
+func (w adminErrorWriter) Write(b []byte) (int, error) {
+	line := strings.TrimSpace(string(b))
+	key := line
+	if i := strings.IndexAny(line, ";:"); i > 0 {
+		key = line[:i] // "http: Accept error: ...; retrying in 5ms" varies after the cause
+	}
+	w.warn.Warn("admin:"+key, "admin server error", "err", line)
+	return len(b), nil
 }
 
 // newAdminHTTPServer is the admin server with its timeouts; serve it on a

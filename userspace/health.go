@@ -220,6 +220,14 @@ func (b *Balancer) observeProbe(id string, err error) {
 	if st == nil {
 		return // gone from the table meanwhile
 	}
+	if localExhaustion(err) {
+		// This host is out of descriptors or buffers: the check says
+		// nothing about the backend.
+		if b.Log != nil {
+			b.Log.Debug("health check skipped: this host is out of resources", "backend", id, "err", err)
+		}
+		return
+	}
 	if err != nil {
 		st.health.checksFail.Add(1)
 	} else {

@@ -112,6 +112,15 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
 	p.ln = ln.(*net.TCPListener)
+	// Keepalive is set on the listener before anything is accepted: the
+	// sockmap plane's clients inherit it from there, also those that
+	// connect the instant the proxy says it serves.
+	if raw, err := p.ln.SyscallConn(); err == nil {
+		var kerr error
+		if err := raw.Control(func(fd uintptr) { kerr = setKeepalive(int(fd), cfg.Keepalive) }); err == nil && kerr != nil {
+			log.Warn("cannot set keepalive on the listener", "listen", cfg.ListenAddr, "err", kerr)
+		}
+	}
 
 	p.admission = &admission{balancer: p.balancer}
 	if cfg.ClientMaxConns > 0 || cfg.ClientRate > 0 {

@@ -76,6 +76,9 @@ type endpoint struct {
 	// Catching up on passed bytes races the sender, whose window opens as
 	// fast as userspace reads; a small window lets userspace win the race.
 	clamp    int
+	// rcvbuf is the receive buffer to restore once armed again, 0 when not
+	// shrunk: while paused, bytes wait in this socket's own queue.
+	rcvbuf int
 	behind   int    // reads spent catching up since the direction was last armed
 	pending  []byte // read from this socket, not yet accepted by peer
 	lastSeen uint64 // count at the last backpressure check
@@ -101,6 +104,9 @@ type smConn struct {
 	// paired, so the sockhash refused it; userspace copies this one.
 	copyMode bool
 	watched  bool // re-examined on every tick
+	// mapSockets and mapPairings are the entries this connection holds in
+	// the sockhash and pairings maps, for counts a scrape can read.
+	mapSockets, mapPairings int64
 }
 
 const (
@@ -469,12 +475,16 @@ func (p *sockmapPlane) pair(c *smConn) error {
 		// A client that sent its request and FIN before the backend
 		// answered the dial, or a backend that greeted and closed.
 		c.copyMode = true
-	} else {
-		p.pairedSockets.Add(2)
-		p.pairings.Add(2)
+		if errors.Is(err, loader.ErrClientStaysPaired) {
+			c.mapSockets, c.mapPairings = 1, 2
+		}
 		p.env.log.Debug("socket half-closed before pairing, copying in userspace",
 			"client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
+	} else {
+		c.mapSockets, c.mapPairings = 2, 2
 	}
+	p.pairedSockets.Add(c.mapSockets)
+	p.pairings.Add(c.mapPairings)
 	c.paired = true
 	if err := p.epollCtl(unix.EPOLL_CTL_MOD, c.backend.fd, epollIn); err != nil {
 		return err
@@ -517,6 +527,7 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 			if atomic.CompareAndSwapUint64(src.state, s, s|loader.FlowArmed) {
 				src.armed, src.behind = true, 0
 				p.unclamp(src)
+				p.restoreReceive(src)
 				break
 			}
 			continue // the verdict counted more meanwhile
@@ -657,6 +668,36 @@ func (p *sockmapPlane) clampWindow(src *endpoint) {
 	}
 	if unix.SetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, 4096) == nil {
 		src.clamp = orig
+	}
+}
+
+// pausedReceiveBuffer is the receive buffer of a paused direction's
+// source: the bytes its sender keeps sending wait there until userspace
+// forwards them, so it is what a paused direction parks on top of its
+// budget share. The kernel doubles it for bookkeeping overhead and drops
+// (for the sender to retransmit) what does not fit, so the queue stays
+// bounded even for the window it promised before the pause.
+const pausedReceiveBuffer = 128 << 10
+
+func (p *sockmapPlane) shrinkReceive(src *endpoint) {
+	if src.rcvbuf != 0 {
+		return
+	}
+	orig, err := unix.GetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+	if err != nil || orig <= 2*pausedReceiveBuffer {
+		return
+	}
+	if unix.SetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, pausedReceiveBuffer) == nil {
+		src.rcvbuf = orig
+	}
+}
+
+// restoreReceive gives an armed direction back the receive buffer it had
+// before the pause (the kernel reports the doubled size it keeps).
+func (p *sockmapPlane) restoreReceive(src *endpoint) {
+	if src.rcvbuf != 0 {
+		_ = unix.SetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, src.rcvbuf/2)
+		src.rcvbuf = 0
 	}
 }
 
@@ -825,6 +866,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 		if atomic.CompareAndSwapUint64(src.state, s, s&^loader.FlowArmed) {
 			src.armed, src.paused = false, true
 			src.settled = s & loader.FlowCountMask
+			p.shrinkReceive(src)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
 				"socket", src.side(), "backlog", backlog)
@@ -942,10 +984,8 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 	}
 	delete(p.conns, c)
 	p.active.Add(-1)
-	if c.paired && !c.copyMode {
-		p.pairedSockets.Add(-2)
-		p.pairings.Add(-2)
-	}
+	p.pairedSockets.Add(-c.mapSockets)
+	p.pairings.Add(-c.mapPairings)
 	if c.paired {
 		if err := p.maps.Unpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie}); err != nil {
 			p.env.log.Error("unpair failed", "client", c.clientAddr, "err", err)
