@@ -122,6 +122,18 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 
+// tail is the log, or its last max bytes when longer (a proxy that logs
+// in a loop).
+func (s *syncBuffer) tail(max int) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.b.Bytes()
+	if len(b) <= max {
+		return string(b)
+	}
+	return fmt.Sprintf("[%d earlier bytes left out]\n%s", len(b)-max, b[len(b)-max:])
+}
+
 func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -154,7 +166,7 @@ func startProxyWrapped(t testing.TB, ns *nettest.NS, plane string, rows []backen
 		p.stop(t)
 		os.RemoveAll(p.PinPath)
 		if t.Failed() {
-			t.Logf("edgeproxy log:\n%s", p.logs.String())
+			t.Logf("edgeproxy log:\n%s", p.logs.tail(64<<10))
 		}
 	})
 	return p
@@ -505,4 +517,10 @@ func tryGreeting(ns *nettest.NS, localIP, addr string, wait time.Duration) attem
 	c.Close()
 	a.conn = nil
 	return a
+}
+
+// readProcFile reads /proc/PID/name without its trailing newline.
+func readProcFile(pid int, name string) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, name))
+	return strings.TrimSuffix(string(b), "\n"), err
 }
