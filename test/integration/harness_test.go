@@ -122,16 +122,16 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 
-// tail is the log, or its last max bytes when longer (a proxy that logs
+// tail is the log, or its last limit bytes when longer (a proxy that logs
 // in a loop).
-func (s *syncBuffer) tail(max int) string {
+func (s *syncBuffer) tail(limit int) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	b := s.b.Bytes()
-	if len(b) <= max {
+	if len(b) <= limit {
 		return string(b)
 	}
-	return fmt.Sprintf("[%d earlier bytes left out]\n%s", len(b)-max, b[len(b)-max:])
+	return fmt.Sprintf("[%d earlier bytes left out]\n%s", len(b)-limit, b[len(b)-limit:])
 }
 
 func (s *syncBuffer) String() string {
