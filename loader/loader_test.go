@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -189,17 +190,91 @@ func TestPairUnpairLeavesNoEntries(t *testing.T) {
 	if err := s.Pair(p); err != nil {
 		t.Fatal(err)
 	}
-	st, err := s.Stats()
-	if err != nil || st.Sockets != 2 || st.Pairings != 2 {
-		t.Fatalf("after pairing: %+v %v, want 2 sockets and 2 pairings", st, err)
+	if sockets, pairings, err := s.CountEntries(); err != nil || sockets != 2 || pairings != 2 {
+		t.Fatalf("after pairing: %d sockets, %d pairings, %v; want 2 and 2", sockets, pairings, err)
 	}
 	if err := s.Unpair(p); err != nil {
 		t.Fatal(err)
 	}
 	clientSide.Close()
 	backendSide.Close()
-	st, err = s.Stats()
-	if err != nil || st.Sockets != 0 || st.Pairings != 0 {
-		t.Fatalf("after unpair and close: %+v %v, want empty maps", st, err)
+	if sockets, pairings, err := s.CountEntries(); err != nil || sockets != 0 || pairings != 0 {
+		t.Fatalf("after unpair and close: %d sockets, %d pairings, %v; want empty maps", sockets, pairings, err)
+	}
+}
+
+// Verdicts names every reason, so metrics show zeros from the start.
+func TestVerdictsNamesEveryReason(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v, err := s.Verdicts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range VerdictReasons {
+		if _, ok := v[name]; !ok {
+			t.Errorf("verdict reason %s missing from %v", name, v)
+		}
+	}
+}
+
+// A backend slot handed to a new backend starts from zero bytes both ways,
+// on every CPU, and its neighbours keep theirs.
+func TestResetBackendBytesZeroesOneSlot(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Seed slots 6, 7 and 8 as the verdict would have: bytes on every CPU.
+	seed := func(slot uint32, perCPU uint64) {
+		t.Helper()
+		values := make([]uint64, cpus)
+		for i := range values {
+			values[i] = perCPU
+		}
+		for _, dir := range []uint32{ClientToBackend, BackendToClient} {
+			if err := s.objs.BackendBytes.Update(slot*2+dir, values, ebpf.UpdateExist); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, slot := range []uint32{6, 7, 8} {
+		seed(slot, 100)
+	}
+	want := uint64(100 * cpus)
+	if in, out, err := s.BackendBytes(7); err != nil || in != want || out != want {
+		t.Fatalf("seeded slot 7: %d and %d bytes, %v; want %d each way", in, out, err, want)
+	}
+	if err := s.ResetBackendBytes(7); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		slot uint32
+		want uint64
+	}{
+		{"the reset slot is empty", 7, 0},
+		{"the slot before keeps its bytes", 6, want},
+		{"the slot after keeps its bytes", 8, want},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in, out, err := s.BackendBytes(tc.slot)
+			if err != nil || in != tc.want || out != tc.want {
+				t.Fatalf("slot %d: %d and %d bytes, %v; want %d each way", tc.slot, in, out, err, tc.want)
+			}
+		})
+	}
+	if err := s.ResetBackendBytes(MaxBackends); err == nil {
+		t.Fatalf("reset of slot %d beyond the map: no error", MaxBackends)
 	}
 }

@@ -276,31 +276,32 @@ func (s *Sockmap) unpair(p Pair) error {
 	return nil
 }
 
-// Stats are the data plane's counters, summed over CPUs.
-type Stats struct {
-	Verdicts map[string]uint64
-	Sockets  int
-	Pairings int
+// Verdicts reads the verdict counters, summed over CPUs: one lookup per
+// reason in a per-CPU array, whatever the number of connections, so a
+// metrics scrape may call it.
+func (s *Sockmap) Verdicts() (map[string]uint64, error) {
+	verdicts := make(map[string]uint64, len(VerdictReasons))
+	var perCPU []uint64
+	for i, name := range VerdictReasons {
+		if err := s.objs.Verdicts.Lookup(uint32(i), &perCPU); err != nil {
+			return verdicts, fmt.Errorf("read verdict counter %s: %w", name, err)
+		}
+		verdicts[name] = sum(perCPU)
+	}
+	return verdicts, nil
 }
 
-// Stats reads the verdict counters and the entry counts.
-func (s *Sockmap) Stats() (Stats, error) {
-	st := Stats{Verdicts: map[string]uint64{}}
-	for i, name := range VerdictReasons {
-		var perCPU []uint64
-		if err := s.objs.Verdicts.Lookup(uint32(i), &perCPU); err != nil {
-			return st, fmt.Errorf("read verdict counter %s: %w", name, err)
-		}
-		st.Verdicts[name] = sum(perCPU)
+// CountEntries walks the sockhash and the pairings map and counts their
+// entries. It costs one bpf() call per entry: for tests and tools, never
+// for a scrape (the proxy counts its pairs in userspace).
+func (s *Sockmap) CountEntries() (sockets, pairings int, err error) {
+	if sockets, err = countKeys(s.objs.Sockets); err != nil {
+		return 0, 0, fmt.Errorf("count sockhash entries: %w", err)
 	}
-	var err error
-	if st.Sockets, err = countKeys(s.objs.Sockets); err != nil {
-		return st, fmt.Errorf("count sockhash entries: %w", err)
+	if pairings, err = countKeys(s.objs.Pairings); err != nil {
+		return 0, 0, fmt.Errorf("count pairing entries: %w", err)
 	}
-	if st.Pairings, err = countKeys(s.objs.Pairings); err != nil {
-		return st, fmt.Errorf("count pairing entries: %w", err)
-	}
-	return st, nil
+	return sockets, pairings, nil
 }
 
 // BackendBytes returns the bytes redirected for backend index i, each way.
@@ -314,6 +315,26 @@ func (s *Sockmap) BackendBytes(i uint32) (toBackend, toClient uint64, err error)
 		return 0, 0, fmt.Errorf("read bytes of backend %d: %w", i, err)
 	}
 	return toBackend, sum(perCPU), nil
+}
+
+// ResetBackendBytes zeroes the byte counters of backend slot index, both
+// directions and every CPU, so a slot given to a new backend starts from
+// nothing instead of inheriting the bytes of the one it replaces.
+func (s *Sockmap) ResetBackendBytes(index uint32) error {
+	if index >= MaxBackends {
+		return fmt.Errorf("reset bytes of backend %d: beyond %d backend slots", index, MaxBackends)
+	}
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("reset bytes of backend %d: count possible CPUs: %w", index, err)
+	}
+	zeros := make([]uint64, cpus)
+	for _, dir := range []uint32{ClientToBackend, BackendToClient} {
+		if err := s.objs.BackendBytes.Update(index*2+dir, zeros, ebpf.UpdateExist); err != nil {
+			return fmt.Errorf("reset bytes of backend %d direction %d: %w", index, dir, err)
+		}
+	}
+	return nil
 }
 
 func sum(values []uint64) uint64 {

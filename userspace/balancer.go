@@ -3,7 +3,9 @@ package userspace
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,6 +24,8 @@ type backendState struct {
 	connectErrs atomic.Uint64
 	bytesIn     atomic.Uint64 // client to backend, splice plane
 	bytesOut    atomic.Uint64 // backend to client, splice plane
+	retries     atomic.Uint64 // connections retried elsewhere after a dial here failed
+	health      health
 }
 
 // Lease is one reserved connection slot on a backend. The slot is taken at
@@ -34,7 +38,51 @@ type Lease struct {
 	state    *backendState
 	balancer *Balancer
 	released atomic.Bool
+	// tried are the backends whose dial failed for this client
+	// connection before this lease, so a retry never picks them again.
+	tried []string
+	// lastUsed and hadEntry are what the affinity lookup found; the
+	// binding is written only once a dial succeeded (Connected).
+	lastUsed time.Time
+	hadEntry bool
 }
+
+// Connected records that the backend answered: it counts as a passing
+// check, and the client's binding moves to (or is refreshed on) this
+// backend. A binding is never written for a backend that did not answer.
+func (l *Lease) Connected() {
+	b := l.balancer
+	b.observe(l.state, nil)
+	if b.Affinity == nil {
+		return
+	}
+	now := b.Now()
+	// Refreshing costs a map write; a binding used within the last second
+	// is fresh enough for any TTL measured in seconds.
+	if l.Sticky && now.Sub(l.lastUsed) <= time.Second {
+		return
+	}
+	if err := b.Affinity.Bind(l.Client.Addr, l.Backend.ID, now); err != nil {
+		b.affinityErrors.Add(1)
+	} else if !l.hadEntry {
+		b.bindings.Add(1)
+		b.newBindings.Add(1)
+		l.hadEntry = true
+	}
+}
+
+// Failed records a dial of the lease's backend that failed (refused, timed
+// out, reset): a connect error, and a failed check for its health. It
+// releases the slot.
+func (l *Lease) Failed(err error) {
+	l.state.connectErrs.Add(1)
+	l.balancer.observe(l.state, err)
+	l.Release()
+}
+
+// Attempts is how many backends this connection has tried, this one
+// included.
+func (l *Lease) Attempts() int { return len(l.tried) + 1 }
 
 // Release frees the lease's slot. Safe to call more than once.
 func (l *Lease) Release() {
@@ -49,13 +97,23 @@ func (l *Lease) Release() {
 // Balancer turns a client address into a backend lease using the current
 // routing snapshot and live connection counts.
 type Balancer struct {
-	Store       *routing.Store
+	Store       TableSource
 	Geo         *routing.GeoSource // nil: clients have no country
 	LocalRegion string
 	Now         func() time.Time
 	Affinity    AffinityStore // nil: no affinity
 	BindingTTL  time.Duration
 	Mirror      BackendMirror // nil: no BPF backends map
+	Health      HealthConfig
+	Log         *slog.Logger // nil: no log lines for health transitions
+
+	// healthGen changes whenever a backend flips up or down, so the
+	// table decisions use is rebuilt only then.
+	healthGen atomic.Uint64
+	panicking atomic.Bool
+	eff       effectiveTable // guarded by mu
+	freeSlots []uint32       // BPF slots of backends gone and idle, guarded by mu
+	nextSlot  uint32         // guarded by mu
 
 	bindings       atomic.Int64 // bindings held: counted at each sweep, plus new ones since
 	newBindings    atomic.Int64 // entries ever added: a sweep whose walk saw none added is exact
@@ -65,6 +123,12 @@ type Balancer struct {
 	byID     map[string]*backendState
 	view     *tableView
 	rejected sync.Map // routing.RejectReason -> *atomic.Uint64
+}
+
+// TableSource is where the balancer reads the current routing table:
+// the routing.Store, or a fixed table in tests.
+type TableSource interface {
+	Current() *routing.Table
 }
 
 // tableView aligns live states with one snapshot's backend order, so Pick
@@ -86,13 +150,93 @@ func (b *Balancer) viewFor(t *routing.Table) *tableView {
 		id := t.Backends[i].ID
 		st, ok := b.byID[id]
 		if !ok {
-			st = &backendState{id: id, index: uint32(len(b.byID))}
+			st = &backendState{id: id, index: b.allocSlot()}
+			st.health.since = b.Now()
 			b.byID[id] = st
 		}
 		v.states[i] = st
 	}
 	b.view = v
 	return v
+}
+
+// allocSlot hands out a BPF backend slot, reusing those of backends that
+// are gone and idle, so a long-lived process never runs out of them.
+func (b *Balancer) allocSlot() uint32 {
+	if n := len(b.freeSlots); n > 0 {
+		slot := b.freeSlots[n-1]
+		b.freeSlots = b.freeSlots[:n-1]
+		return slot
+	}
+	b.nextSlot++
+	return b.nextSlot - 1
+}
+
+// effectiveTable is the table decisions use, derived from the store's
+// snapshot and the health generation it was built for.
+type effectiveTable struct {
+	base  *routing.Table
+	gen   uint64
+	table *routing.Table
+}
+
+// routingTable is the store's snapshot with the backends that checks hold
+// down marked unhealthy, unless that leaves no backend up: then every
+// backend routing.db allows is used (panic routing, as Envoy's panic
+// threshold does), since refusing everyone is worse than trying them.
+// Called with mu held.
+func (b *Balancer) routingTable() *routing.Table {
+	base := b.Store.Current()
+	gen := b.healthGen.Load()
+	if b.eff.base == base && b.eff.gen == gen && b.eff.table != nil {
+		return b.eff.table
+	}
+	table, panicking := base, false
+	var down []int
+	up := 0
+	for i := range base.Backends {
+		be := &base.Backends[i]
+		if !be.Healthy {
+			continue
+		}
+		if st := b.byID[be.ID]; st != nil && st.health.isDown() {
+			down = append(down, i)
+		} else {
+			up++
+		}
+	}
+	switch {
+	case len(down) == 0:
+	case up == 0:
+		panicking = true
+	default:
+		bs := slices.Clone(base.Backends)
+		for _, i := range down {
+			bs[i].Healthy = false
+		}
+		if t, err := routing.NewTable(bs, base.Deleted, base.Regions); err == nil {
+			table = t
+		} else if b.Log != nil {
+			b.Log.Error("cannot apply health checks to the routing table", "err", err)
+		}
+	}
+	if b.panicking.Swap(panicking) != panicking && b.Log != nil {
+		if panicking {
+			b.Log.Warn("panic routing on: checks hold every backend down, routing to all of them", "backends", len(down))
+		} else {
+			b.Log.Info("panic routing off: a backend is up again")
+		}
+	}
+	b.eff = effectiveTable{base: base, gen: gen, table: table}
+	return table
+}
+
+// Panicking reports whether panic routing is on.
+func (b *Balancer) Panicking() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.routingTable()
+	return b.panicking.Load()
 }
 
 // Client resolves the geography of a client address.
@@ -131,7 +275,7 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 		}
 	}
 	b.mu.Lock()
-	t := b.Store.Current()
+	t := b.routingTable()
 	v := b.viewFor(t)
 	in := routing.Input{
 		Client:      c,
@@ -145,25 +289,88 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 		b.countReject(reject)
 		return nil, reject
 	}
-	st := v.states[winner]
+	lease := b.reserve(v, winner)
+	b.mu.Unlock()
+	lease.Client, lease.Sticky, lease.lastUsed, lease.hadEntry = c, sticky, lastUsed, hadEntry
+	return lease, ""
+}
+
+// reserve takes a slot on the view's backend i. Called with mu held.
+func (b *Balancer) reserve(v *tableView, i int) *Lease {
+	st := v.states[i]
 	active := st.active.Add(1)
 	st.total.Add(1)
-	b.mu.Unlock()
 	if b.Mirror != nil {
 		b.Mirror.StoreActive(st.index, uint32(active))
 	}
-	lease := &Lease{Backend: t.Backends[winner], Client: c, Sticky: sticky, state: st, balancer: b}
-	// Refreshing costs a map write; a binding used within the last second
-	// is fresh enough for any TTL measured in seconds.
-	if b.Affinity != nil && (!sticky || now.Sub(lastUsed) > time.Second) {
-		if err := b.Affinity.Bind(client, lease.Backend.ID, now); err != nil {
-			b.affinityErrors.Add(1)
-		} else if !hadEntry {
-			b.bindings.Add(1)
-			b.newBindings.Add(1)
+	return &Lease{Backend: v.table.Backends[i], state: st, balancer: b}
+}
+
+// AcquireNext reserves the next best backend for a connection whose dial
+// to prev's backend failed (prev.Failed was called): the best eligible
+// backend not tried yet for it, ignoring the affinity binding. No backend
+// left is RejectAllDialsFailed.
+func (b *Balancer) AcquireNext(prev *Lease) (*Lease, routing.RejectReason) {
+	prev.state.retries.Add(1)
+	tried := append(slices.Clip(prev.tried), prev.Backend.ID)
+	b.mu.Lock()
+	t := b.routingTable()
+	v := b.viewFor(t)
+	d := routing.Explain(routing.Input{
+		Client:      prev.Client,
+		LocalRegion: b.LocalRegion,
+		Active:      func(i int) int { return int(v.states[i].active.Load()) },
+	}, t)
+	best := -1
+	for i := range d.Candidates {
+		c := &d.Candidates[i]
+		if c.Excluded != "" || slices.Contains(tried, t.Backends[c.Index].ID) {
+			continue
+		}
+		if best < 0 || betterCandidate(t, c, &d.Candidates[best]) {
+			best = i
 		}
 	}
+	if best < 0 {
+		b.mu.Unlock()
+		b.countReject(RejectAllDialsFailed)
+		return nil, RejectAllDialsFailed
+	}
+	lease := b.reserve(v, d.Candidates[best].Index)
+	b.mu.Unlock()
+	lease.Client, lease.tried, lease.hadEntry = prev.Client, tried, prev.hadEntry
 	return lease, ""
+}
+
+// betterCandidate orders candidates as routing.Pick does: lower score,
+// then fewer active connections, then higher weight, then table order.
+func betterCandidate(t *routing.Table, a, b *routing.Candidate) bool {
+	if a.Score != b.Score {
+		return a.Score < b.Score
+	}
+	if a.Active != b.Active {
+		return a.Active < b.Active
+	}
+	wa, wb := max(t.Backends[a.Index].Weight, 1), max(t.Backends[b.Index].Weight, 1)
+	if wa != wb {
+		return wa > wb
+	}
+	return a.Index < b.Index
+}
+
+// Rejection reasons decided before or after routing, beside routing's own.
+const (
+	RejectClientMaxConns routing.RejectReason = "client_max_conns" // the address holds its concurrent cap
+	RejectClientRate     routing.RejectReason = "client_rate"      // the address opened connections faster than its rate
+	RejectMaxConns       routing.RejectReason = "max_conns"
+	RejectProxyProtocol  routing.RejectReason = "proxy_protocol"
+	RejectAllDialsFailed routing.RejectReason = "all_dials_failed"
+)
+
+// allRejectReasons are shown with zeros from the start.
+var allRejectReasons = []routing.RejectReason{
+	routing.RejectTableEmpty, routing.RejectNoneHealthy, routing.RejectAllAtHardLimit,
+	RejectClientMaxConns, RejectClientRate, RejectMaxConns, RejectAllDialsFailed,
 }
 
 func (b *Balancer) countReject(reason routing.RejectReason) {
@@ -175,7 +382,7 @@ func (b *Balancer) countReject(reason routing.RejectReason) {
 // reason is present so metrics show zeros from the start.
 func (b *Balancer) RejectedCounts() map[string]uint64 {
 	out := map[string]uint64{}
-	for _, r := range []routing.RejectReason{routing.RejectTableEmpty, routing.RejectNoneHealthy, routing.RejectAllAtHardLimit} {
+	for _, r := range allRejectReasons {
 		out[string(r)] = 0
 	}
 	b.rejected.Range(func(k, v any) bool {
@@ -193,19 +400,40 @@ func (b *Balancer) Bindings() int {
 }
 
 // Refresh aligns live state with the current routing table and writes it
-// to the BPF backends map, so bpftool shows a reload at once.
+// to the BPF backends map, so bpftool shows a reload at once. Backends
+// gone from the table with no connection left give their slot back.
 func (b *Balancer) Refresh() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	v := b.viewFor(b.Store.Current())
-	if b.Mirror == nil {
-		return nil
-	}
-	present := make(map[uint32]bool, len(v.states))
+	t := b.routingTable()
 	var errs []error
+	// Free first, so a backend added by this table can take a slot that
+	// a removed one gave back.
+	for id, st := range b.byID {
+		if t.Index(id) >= 0 {
+			continue
+		}
+		if b.Mirror != nil {
+			b.Mirror.ClearBackend(st.index)
+		}
+		if st.active.Load() > 0 {
+			continue // its connections still count bytes into the slot
+		}
+		if r, ok := b.Mirror.(interface{ ResetBackendBytes(uint32) error }); ok {
+			if err := r.ResetBackendBytes(st.index); err != nil {
+				errs = append(errs, err)
+				continue // never hand out a slot with another backend's bytes
+			}
+		}
+		delete(b.byID, id)
+		b.freeSlots = append(b.freeSlots, st.index)
+	}
+	v := b.viewFor(t)
+	if b.Mirror == nil {
+		return errors.Join(errs...)
+	}
 	for i, st := range v.states {
 		be := &v.table.Backends[i]
-		present[st.index] = true
 		if err := b.Mirror.SetBackend(st.index, loader.BackendInfo{
 			ID: be.ID, Addr: be.Addr, Port: be.Port, Healthy: be.Healthy,
 			Weight: uint32(be.Weight), SoftLimit: uint32(be.SoftLimit), HardLimit: uint32(be.HardLimit),
@@ -213,11 +441,6 @@ func (b *Balancer) Refresh() error {
 			errs = append(errs, err)
 		}
 		b.Mirror.StoreActive(st.index, uint32(max(st.active.Load(), 0)))
-	}
-	for _, st := range b.byID {
-		if !present[st.index] {
-			b.Mirror.ClearBackend(st.index)
-		}
 	}
 	return errors.Join(errs...)
 }
@@ -229,7 +452,9 @@ func (b *Balancer) SweepBindings() (removed int, err error) {
 		return 0, nil
 	}
 	now := b.Now()
-	t := b.Store.Current()
+	b.mu.Lock()
+	t := b.routingTable()
+	b.mu.Unlock()
 	newBefore := b.newBindings.Load()
 	remaining, removed, err := b.Affinity.Sweep(func(id string, lastUsed time.Time) bool {
 		i := t.Index(id)
@@ -249,24 +474,34 @@ func (b *Balancer) SweepBindings() (removed int, err error) {
 
 // BackendCounters is a point-in-time copy of one backend's counters.
 type BackendCounters struct {
-	ID                 string
-	Index              uint32
-	Active             int64
-	Total, ConnectErrs uint64
-	BytesIn, BytesOut  uint64
+	ID                     string
+	Index                  uint32
+	Active                 int64
+	Total, ConnectErrs     uint64
+	BytesIn, BytesOut      uint64
+	Retries                uint64
+	ChecksOK, ChecksFailed uint64
+	Down                   bool // held down by checks or failed dials
+	Up                     bool // metrics only: neither checks nor healthy=0 hold it down
+	Since                  time.Time
+	LastError              string
 }
 
-// Counters lists every backend ever seen, in first-seen order.
+// Counters lists every backend with a slot, in slot order.
 func (b *Balancer) Counters() []BackendCounters {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	out := make([]BackendCounters, len(b.byID))
+	out := make([]BackendCounters, 0, len(b.byID))
 	for _, st := range b.byID {
-		out[st.index] = BackendCounters{
+		state, since, lastErr := st.health.snapshot(false)
+		out = append(out, BackendCounters{
 			ID: st.id, Index: st.index, Active: st.active.Load(), Total: st.total.Load(),
 			ConnectErrs: st.connectErrs.Load(), BytesIn: st.bytesIn.Load(), BytesOut: st.bytesOut.Load(),
-		}
+			Retries: st.retries.Load(), ChecksOK: st.health.checksOK.Load(), ChecksFailed: st.health.checksFail.Load(),
+			Down: state == StateDown, Since: since, LastError: lastErr,
+		})
 	}
+	slices.SortFunc(out, func(a, b BackendCounters) int { return int(a.Index) - int(b.Index) })
 	return out
 }
 
@@ -344,8 +579,8 @@ type BackendMirror interface {
 // ScoreOf recomputes the winning score of a lease for debug logs; it costs
 // a full explanation, so callers only ask when debug logging is on.
 func (b *Balancer) ScoreOf(l *Lease) float64 {
-	t := b.Store.Current()
 	b.mu.Lock()
+	t := b.routingTable()
 	v := b.viewFor(t)
 	b.mu.Unlock()
 	d := routing.Explain(routing.Input{

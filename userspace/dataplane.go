@@ -33,10 +33,32 @@ type PlaneStats struct {
 // logger and the close hook.
 type planeEnv struct {
 	balancer       *Balancer
-	connectTimeout time.Duration
+	connectTimeout time.Duration // for all attempts of one connection together
+	retries        int           // further backends tried after a failed dial
+	admission      *admission
+	keepalive      time.Duration // TCP keepalive idle time; 0: off
+	idleTimeout    time.Duration // close connections idle both ways this long; 0: off
+	stallTimeout   time.Duration // reset a direction stuck this long; 0: off
+	bufferBudget   uint64        // bytes all connections may park in psock queues
 	log            *slog.Logger
+	// warn rate-limits lines that would otherwise repeat per connection.
+	warn *throttledLog
 	// onClose is called once per finished connection with its summary.
 	onClose func(ConnSummary)
+}
+
+// keepaliveInterval and keepaliveProbes follow from the idle time: five
+// probes a fifth of it apart, so a vanished peer is reaped about two idle
+// times after its last byte.
+func keepaliveInterval(idle time.Duration) time.Duration { return max(idle/5, time.Second) }
+
+const keepaliveProbes = 5
+
+// attemptTimeout splits what is left of the connect budget evenly over
+// the attempts left, so a backend that swallows SYNs cannot use up the
+// whole budget before a retry gets its turn.
+func attemptTimeout(deadline, now time.Time, attemptsLeft int) time.Duration {
+	return deadline.Sub(now) / time.Duration(max(attemptsLeft, 1))
 }
 
 // logOpen writes the debug line of a routed connection.

@@ -32,19 +32,34 @@ type Config struct {
 	PinPath        string
 	ConnectTimeout time.Duration
 	Drain          time.Duration // EDGEPROXY_DRAIN_SECS
+
+	Health         HealthConfig  // EDGEPROXY_HEALTH_*
+	ConnectRetries int           // EDGEPROXY_CONNECT_RETRIES
+	ClientMaxConns int           // EDGEPROXY_CLIENT_MAX_CONNS; 0: off
+	ClientRate     float64       // EDGEPROXY_CLIENT_RATE, per second; 0: off
+	MaxConns       int           // EDGEPROXY_MAX_CONNS; 0: derived from the open-file limit
+	Keepalive      time.Duration // EDGEPROXY_KEEPALIVE_SECS; 0: off
+	IdleTimeout    time.Duration // EDGEPROXY_IDLE_TIMEOUT_SECS; 0: off
+	MaxBufferedMB  int           // EDGEPROXY_MAX_BUFFERED_MB
+	StallTimeout   time.Duration // EDGEPROXY_STALL_TIMEOUT_SECS; 0: off
+	// OnTable, if set, is called with every routing table published
+	// (the first included), from the reload goroutine: the overlay
+	// follows the pops table through it.
+	OnTable func(*routing.Table)
 	// Collectors are extra metrics served on /metrics (the overlay's).
 	Collectors []prometheus.Collector
 }
 
 // Proxy is a configured, listening edgeproxy.
 type Proxy struct {
-	cfg      Config
-	log      *slog.Logger
-	store    *routing.Store
-	geo      *routing.GeoSource
-	balancer *Balancer
-	ln       *net.TCPListener
-	plane    Dataplane
+	cfg       Config
+	log       *slog.Logger
+	store     *routing.Store
+	geo       *routing.GeoSource
+	balancer  *Balancer
+	ln        *net.TCPListener
+	plane     Dataplane
+	admission *admission
 	// DataplaneReason says why this data plane runs.
 	DataplaneReason string
 	closePlane      func() error
@@ -72,7 +87,8 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		return nil, fmt.Errorf("open geo database: %w", err)
 	}
 	p := &Proxy{cfg: cfg, log: log, store: store, geo: geo, extraCollectors: cfg.Collectors}
-	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now, BindingTTL: cfg.BindingTTL}
+	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now, BindingTTL: cfg.BindingTTL,
+		Health: cfg.Health, Log: log}
 
 	p.reloads.record(nil)
 	if cfg.AdminAddr != "" {
@@ -91,7 +107,16 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	}
 	p.ln = ln.(*net.TCPListener)
 
-	env := planeEnv{balancer: p.balancer, connectTimeout: cfg.ConnectTimeout, log: log, onClose: p.onClose}
+	p.admission = &admission{balancer: p.balancer}
+	if cfg.ClientMaxConns > 0 || cfg.ClientRate > 0 {
+		p.admission.clients = NewClientLimiter(cfg.ClientMaxConns, cfg.ClientRate, clientsTracked, time.Now)
+	}
+	env := planeEnv{
+		balancer: p.balancer, connectTimeout: cfg.ConnectTimeout, retries: cfg.ConnectRetries,
+		admission: p.admission, keepalive: cfg.Keepalive, idleTimeout: cfg.IdleTimeout,
+		stallTimeout: cfg.StallTimeout, bufferBudget: uint64(cfg.MaxBufferedMB) << 20,
+		log: log, warn: newThrottledLog(log, 10*time.Second), onClose: p.onClose,
+	}
 	if err := p.choosePlane(env); err != nil {
 		p.ln.Close()
 		if p.adminLn != nil {
@@ -99,10 +124,39 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		}
 		return nil, err
 	}
+	p.admission.maxConns = int64(cfg.MaxConns)
+	if cfg.MaxConns == 0 {
+		p.admission.maxConns = maxConnsForFileLimit(p.plane.Name(), cfg.Health.Workers)
+	}
 	if p.adminLn != nil {
 		p.admin = p.newAdminServer()
 	}
 	return p, nil
+}
+
+// clientsTracked bounds the per-address rate buckets kept in memory.
+const clientsTracked = 1 << 16
+
+// maxConnsForFileLimit is EDGEPROXY_MAX_CONNS's default: as many
+// connections as the open-file limit holds, after a reserve for the
+// listeners, admin connections, BPF objects and health probes, so that
+// the cap refuses a client before descriptors run out. A connection holds
+// 2 descriptors on the sockmap plane, 6 on the splice plane (2 sockets and
+// the 2 pipes of its splices).
+func maxConnsForFileLimit(plane string, healthWorkers int) int64 {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == ^uint64(0) {
+		return 0
+	}
+	perConn := uint64(2)
+	if plane == "splice" {
+		perConn = 6
+	}
+	reserve := uint64(64 + 2*healthWorkers)
+	if lim.Cur <= reserve+perConn {
+		return 1
+	}
+	return int64((lim.Cur - reserve) / perConn)
 }
 
 // choosePlane loads the BPF state where BPF is usable (it also holds the
@@ -154,7 +208,8 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 		"listen", p.ln.Addr().String(), "region", p.cfg.Region,
 		"dataplane", p.plane.Name(), "reason", p.DataplaneReason,
 		"db", p.cfg.DBPath, "geoip", p.geo.Current().Kind(),
-		"backends", len(p.store.Current().Backends), "admin", p.cfg.AdminAddr)
+		"backends", len(p.store.Current().Backends), "admin", p.cfg.AdminAddr,
+		"max_conns", p.admission.maxConns, "health_interval", p.cfg.Health.Interval)
 	accept, stopAccepting := context.WithCancel(context.Background())
 	stop, stopAll := context.WithCancel(context.Background())
 	defer stopAll()
@@ -168,7 +223,11 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	if _, err := p.balancer.SweepBindings(); err != nil {
 		p.log.Warn("affinity sweep failed", "err", err)
 	}
+	if p.cfg.OnTable != nil {
+		p.cfg.OnTable(p.store.Current())
+	}
 	go p.store.Watch(stop, routing.DefaultPoll, p.cfg.DBReload, p.onReload)
+	go p.balancer.runHealthChecks(stop, p.cfg.Health, tcpProbe)
 	go p.refreshGeo(stop)
 	go p.sweepBindings(stop)
 	if p.admin != nil {
@@ -254,6 +313,9 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 	}
 	if err := p.balancer.Refresh(); err != nil {
 		p.log.Warn("cannot mirror the backend table into BPF", "err", err)
+	}
+	if p.cfg.OnTable != nil {
+		p.cfg.OnTable(r.Table)
 	}
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
 }

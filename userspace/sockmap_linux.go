@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -26,17 +27,28 @@ type sockmapPlane struct {
 	env  planeEnv
 	maps *loader.Sockmap
 
-	// pauseBacklog is how many redirected bytes may wait in a peer's psock
-	// queue (not yet in its socket send buffer) before the direction is
-	// paused: the kernel itself puts no bound on that queue.
-	pauseBacklog uint64
-	tick         time.Duration
+	// maxPauseBacklog is the most redirected bytes one direction may have
+	// waiting in its peer's psock queue (not yet in the socket's send
+	// buffer) before it is paused: the kernel itself puts no bound on that
+	// queue. The bound in force is a fair share of the buffer budget over
+	// all open directions, never more than this (pauseBacklog).
+	maxPauseBacklog uint64
+	tick            time.Duration
 
 	epfd, wakefd, lnfd int
 	byFD               []*endpoint
 	conns              map[*smConn]struct{}
 	buf                []byte
 	active             atomic.Int64
+	pairedSockets      atomic.Int64 // sockets put in the sockhash: pair adds, teardown subtracts; Stats reads it instead of walking the map
+	pairings           atomic.Int64 // entries written to the pairings map: pair adds, teardown subtracts; Stats reads it instead of walking the map
+
+	// acceptPausedUntil is set when accept itself failed (out of
+	// descriptors): the listener leaves epoll until then, instead of
+	// waking the loop for the same error thousands of times a second.
+	acceptPausedUntil time.Time
+	nextSweep         time.Time // idle and stall checks, once a second
+	nextStallSweep    time.Time
 }
 
 // endpoint is one socket of a connection. Its receive side is the flow of
@@ -52,8 +64,14 @@ type endpoint struct {
 	base uint64
 
 	settled uint64 // bytes received that are forwarded or redirected
-	armed   bool
-	paused  bool // disarmed for backpressure: redirected bytes may still be queued
+	// sweptCount is the flow count at the last idle sweep; stallAcked and
+	// stallSince track what the remote of this socket acknowledged, for
+	// the stall check of the direction that ends here.
+	sweptCount uint64
+	stallAcked uint64
+	stallSince time.Time
+	armed      bool
+	paused     bool // disarmed for backpressure: redirected bytes may still be queued
 	// clamp is the window clamp to restore once armed, 0 when not clamped.
 	// Catching up on passed bytes races the sender, whose window opens as
 	// fast as userspace reads; a small window lets userspace win the race.
@@ -71,9 +89,12 @@ type endpoint struct {
 type smConn struct {
 	client, backend endpoint
 	lease           *Lease
+	release         func() // gives back the admission slot
 	clientAddr      netip.AddrPort
 	start           time.Time
-	deadline        time.Time // connect deadline
+	deadline        time.Time // this connect attempt's deadline
+	connectBy       time.Time // every attempt's deadline together
+	lastActive      time.Time // a byte moved either way (idle sweep)
 	connecting      bool
 	paired          bool
 	// copyMode: a socket was already half-closed when the connection was
@@ -90,21 +111,27 @@ const (
 
 func newSockmapPlane(env planeEnv, maps *loader.Sockmap) *sockmapPlane {
 	return &sockmapPlane{
-		env:          env,
-		maps:         maps,
-		pauseBacklog: 32 << 20,
-		tick:         5 * time.Millisecond,
-		conns:        map[*smConn]struct{}{},
-		buf:          make([]byte, readChunk),
+		env:             env,
+		maps:            maps,
+		maxPauseBacklog: 32 << 20,
+		tick:            5 * time.Millisecond,
+		conns:           map[*smConn]struct{}{},
+		buf:             make([]byte, readChunk),
 	}
 }
 
 func (p *sockmapPlane) Name() string { return "sockmap" }
 
 func (p *sockmapPlane) Stats() PlaneStats {
-	st := PlaneStats{Active: int(p.active.Load())}
-	if ms, err := p.maps.Stats(); err == nil {
-		st.Verdicts, st.Sockets, st.Pairings = ms.Verdicts, ms.Sockets, ms.Pairings
+	// Counted in userspace: walking the sockhash or the pairings map would
+	// cost a bpf() call per connection on every scrape.
+	st := PlaneStats{
+		Active:   int(p.active.Load()),
+		Sockets:  int(p.pairedSockets.Load()),
+		Pairings: int(p.pairings.Load()),
+	}
+	if v, err := p.maps.Verdicts(); err == nil {
+		st.Verdicts = v
 	}
 	return st
 }
@@ -117,6 +144,12 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 	p.lnfd = lnfd
 	if err := unix.SetsockoptInt(lnfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
 		return fmt.Errorf("set TCP_NODELAY on the listener: %w", err)
+	}
+	// Accepted sockets inherit keepalive from the listener (the kernel
+	// clones the listening socket and arms the timer when SO_KEEPALIVE is
+	// set), so clients cost no system call for it.
+	if err := setKeepalive(lnfd, p.env.keepalive); err != nil {
+		return fmt.Errorf("set keepalive on the listener: %w", err)
 	}
 	defer func() {
 		if p.lnfd >= 0 {
@@ -172,6 +205,17 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 		if now := time.Now(); !now.Before(nextTick) {
 			p.onTick(now)
 			nextTick = now.Add(p.tick)
+		}
+		if p.lnfd >= 0 && !p.acceptPausedUntil.IsZero() {
+			if time.Now().After(p.acceptPausedUntil) {
+				p.acceptPausedUntil = time.Time{}
+				if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, unix.EPOLLIN); err != nil {
+					return err
+				}
+			} else if len(p.conns) == 0 {
+				// Nothing else wakes the loop: sleep out the pause.
+				time.Sleep(time.Until(p.acceptPausedUntil))
+			}
 		}
 	}
 }
@@ -258,9 +302,13 @@ func (p *sockmapPlane) acceptRun() {
 		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
 			continue
 		default:
-			// EMFILE and the like: leave the rest queued in the backlog,
-			// the next tick or arrival retries.
-			p.env.log.Warn("accept failed", "err", err)
+			// EMFILE and the like: leave the rest queued in the backlog
+			// and stop listening for a moment; the listener stays
+			// readable, so waiting for it would spin.
+			p.env.warn.Warn("accept", "accept failed, pausing accepts", "err", err, "pause", acceptPause, "active", len(p.conns))
+			if p.epollCtl(unix.EPOLL_CTL_DEL, p.lnfd, 0) == nil {
+				p.acceptPausedUntil = time.Now().Add(acceptPause)
+			}
 			return
 		}
 	}
@@ -275,23 +323,40 @@ func (p *sockmapPlane) track(ep *endpoint) {
 
 func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 	client := sockaddrAddrPort(sa)
+	release, reject := p.env.admission.admit(client.Addr())
+	if release == nil {
+		p.env.log.Debug("client refused", "client", client, "reason", reject)
+		closeWithReset(cfd)
+		return
+	}
 	lease, reject := p.env.balancer.Acquire(client.Addr())
 	if lease == nil {
+		release()
 		p.env.log.Debug("client rejected", "client", client, "reason", reject)
 		closeWithReset(cfd)
 		return
 	}
 	p.env.logOpen("sockmap", client, lease)
-	target := lease.Backend.AddrPort()
-	c := &smConn{lease: lease, clientAddr: client, start: time.Now(), connecting: true}
-	c.deadline = c.start.Add(p.env.connectTimeout)
+	now := time.Now()
+	c := &smConn{lease: lease, release: release, clientAddr: client, start: now, lastActive: now}
+	c.connectBy = now.Add(p.env.connectTimeout)
 	c.client = endpoint{conn: c, fd: cfd}
 	c.backend = endpoint{conn: c, fd: -1, base: 1}
 	c.client.peer, c.backend.peer = &c.backend, &c.client
 	p.conns[c] = struct{}{}
 	p.active.Add(1)
 	p.track(&c.client)
+	p.dial(c)
+}
 
+// dial starts a non-blocking connect to the lease's backend. Bytes the
+// client sends meanwhile wait in its socket's receive queue: the socket
+// is not in the sockhash yet, so whichever backend answers gets them.
+func (p *sockmapPlane) dial(c *smConn) {
+	now := time.Now()
+	c.connecting = true
+	c.deadline = now.Add(attemptTimeout(c.connectBy, now, p.env.retries+2-c.lease.Attempts()))
+	target := c.lease.Backend.AddrPort()
 	family := unix.AF_INET6
 	if target.Addr().Is4() {
 		family = unix.AF_INET
@@ -307,7 +372,13 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 	// the peer's send path, and Nagle would hold a ping-pong's reply.
 	// (Accepted sockets inherit TCP_NODELAY from the listener.)
 	_ = unix.SetsockoptInt(bfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	if err := unix.Connect(bfd, addrPortSockaddr(target)); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+	_ = setKeepalive(bfd, p.env.keepalive)
+	sa, err := backendSockaddr(target)
+	if err != nil {
+		p.failConnect(c, err)
+		return
+	}
+	if err := unix.Connect(bfd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
 		p.failConnect(c, fmt.Errorf("connect: %w", err))
 		return
 	}
@@ -318,11 +389,40 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 	p.watch(c)
 }
 
+// failConnect handles a dial that did not produce a connection. A dial
+// this host could not even start (out of descriptors) is refused as
+// max_conns and says nothing about the backend. Otherwise it counts
+// against the backend's health and the next best backend is tried, while
+// attempts and time are left.
 func (p *sockmapPlane) failConnect(c *smConn, err error) {
-	c.lease.state.connectErrs.Add(1)
-	p.env.log.Warn("dial backend failed", "client", c.clientAddr, "backend", c.lease.Backend.ID,
-		"addr", c.lease.Backend.AddrPort(), "err", err)
-	p.reset(c, "connect_failed", err.Error())
+	if c.backend.fd >= 0 {
+		p.byFD[c.backend.fd] = nil
+		unix.Close(c.backend.fd)
+		c.backend.fd = -1
+	}
+	if localExhaustion(err) {
+		p.env.balancer.countReject(RejectMaxConns)
+		p.env.warn.Warn("exhausted", "refusing client: this host is out of descriptors or buffers", "client", c.clientAddr, "err", err)
+		p.reset(c, "max_conns", err.Error())
+		return
+	}
+	failed := c.lease
+	failed.Failed(err)
+	p.env.warn.Warn("dial:"+failed.Backend.ID, "dial backend failed", "client", c.clientAddr, "backend", failed.Backend.ID,
+		"addr", failed.Backend.AddrPort(), "attempt", failed.Attempts(), "err", err)
+	if failed.Attempts() > p.env.retries || !time.Now().Before(c.connectBy) {
+		p.env.balancer.countReject(RejectAllDialsFailed)
+		p.reset(c, "connect_failed", err.Error())
+		return
+	}
+	next, reject := p.env.balancer.AcquireNext(failed)
+	if next == nil {
+		p.reset(c, "connect_failed", fmt.Sprintf("%s; no other backend: %s", err, reject))
+		return
+	}
+	c.lease = next
+	p.env.logOpen("sockmap", c.clientAddr, next)
+	p.dial(c)
 }
 
 func (p *sockmapPlane) finishConnect(c *smConn) {
@@ -334,6 +434,7 @@ func (p *sockmapPlane) finishConnect(c *smConn) {
 		return
 	}
 	c.connecting = false
+	c.lease.Connected()
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 		p.reset(c, "pair_failed", err.Error())
@@ -368,6 +469,9 @@ func (p *sockmapPlane) pair(c *smConn) error {
 		// A client that sent its request and FIN before the backend
 		// answered the dial, or a backend that greeted and closed.
 		c.copyMode = true
+	} else {
+		p.pairedSockets.Add(2)
+		p.pairings.Add(2)
 		p.env.log.Debug("socket half-closed before pairing, copying in userspace",
 			"client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 	}
@@ -665,10 +769,14 @@ func (p *sockmapPlane) watch(c *smConn) { c.watched = true }
 // bytes draining into a peer (FIN and resume wait on it), and backlog
 // growth behind a slow receiver.
 func (p *sockmapPlane) onTick(now time.Time) {
+	if (p.env.idleTimeout > 0 || p.env.stallTimeout > 0) && !now.Before(p.nextSweep) {
+		p.nextSweep = now.Add(time.Second)
+		p.sweep(now)
+	}
 	for c := range p.conns {
 		if c.connecting {
 			if now.After(c.deadline) {
-				p.failConnect(c, fmt.Errorf("connect: timed out after %s", p.env.connectTimeout))
+				p.failConnect(c, fmt.Errorf("connect: timed out after %s", c.deadline.Sub(c.start).Round(time.Millisecond)))
 			}
 			continue
 		}
@@ -710,7 +818,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 		return
 	}
 	backlog := count - sent
-	if backlog < p.pauseBacklog {
+	if backlog < p.pauseBacklog() {
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -724,6 +832,95 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 		}
 		s = atomic.LoadUint64(src.state)
 	}
+}
+
+// minPauseBacklog keeps a direction's share of the budget large enough to
+// splice in the kernel at all: below a few dozen skbs every burst would
+// pause and fall back to userspace.
+const minPauseBacklog = 256 << 10
+
+// pauseBacklog is one direction's share of the buffer budget
+// (EDGEPROXY_MAX_BUFFERED_MB): with every direction at its share, all
+// connections together park at most the budget in psock queues.
+func (p *sockmapPlane) pauseBacklog() uint64 {
+	if p.env.bufferBudget == 0 {
+		return p.maxPauseBacklog
+	}
+	share := p.env.bufferBudget / uint64(max(2*len(p.conns), 1))
+	return min(max(share, minPauseBacklog), p.maxPauseBacklog)
+}
+
+// sweep closes connections idle both ways for the idle timeout and resets
+// directions stalled for the stall timeout. Idleness comes from the flow
+// counters the verdict keeps in shared memory: no system call per
+// connection. Only a direction whose count did not move since the last
+// stall sweep costs one TCP_INFO, on the socket it drains into.
+func (p *sockmapPlane) sweep(now time.Time) {
+	stallDue := p.env.stallTimeout > 0 && !now.Before(p.nextStallSweep)
+	if stallDue {
+		p.nextStallSweep = now.Add(stallSweepPeriod(p.env.stallTimeout))
+	}
+	for c := range p.conns {
+		if c.connecting || !c.paired {
+			continue
+		}
+		moved := false
+		for _, ep := range []*endpoint{&c.client, &c.backend} {
+			n := ep.settledTotal()
+			if n != ep.sweptCount {
+				ep.sweptCount, moved = n, true
+				ep.peer.stallSince = time.Time{} // its bytes move: no stall there
+			}
+		}
+		if moved {
+			c.lastActive = now
+			continue
+		}
+		if p.env.idleTimeout > 0 && now.Sub(c.lastActive) >= p.env.idleTimeout {
+			p.env.log.Debug("closing idle connection", "client", c.clientAddr, "backend", c.lease.Backend.ID, "idle", now.Sub(c.lastActive))
+			p.finishIdle(c)
+			continue
+		}
+		if stallDue && p.stalled(c, now) {
+			p.env.warn.Warn("stall", "resetting a stalled connection: its receiver took no byte", "client", c.clientAddr,
+				"backend", c.lease.Backend.ID, "stall_timeout", p.env.stallTimeout)
+			p.reset(c, "stalled", "no progress")
+		}
+	}
+}
+
+// stallSweepPeriod checks a few times per stall timeout, at most once a
+// second.
+func stallSweepPeriod(stall time.Duration) time.Duration {
+	return min(max(stall/4, time.Second), 15*time.Second)
+}
+
+// stalled reports whether a direction of c has bytes its receiver has not
+// acknowledged and acknowledged nothing for the stall timeout.
+func (p *sockmapPlane) stalled(c *smConn, now time.Time) bool {
+	for _, dst := range []*endpoint{&c.client, &c.backend} {
+		src := dst.peer
+		info, err := unix.GetsockoptTCPInfo(dst.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			continue
+		}
+		acked := info.Bytes_acked
+		delivered := acked - min(acked, dst.base)
+		if src.settledTotal() <= delivered || acked != dst.stallAcked || dst.stallSince.IsZero() {
+			dst.stallAcked, dst.stallSince = acked, now
+			continue
+		}
+		if now.Sub(dst.stallSince) >= p.env.stallTimeout {
+			return true
+		}
+	}
+	return false
+}
+
+// finishIdle closes an idle connection: nothing is in flight, so both
+// remotes see an orderly FIN.
+func (p *sockmapPlane) finishIdle(c *smConn) {
+	p.teardown(c, false, "idle_timeout")
 }
 
 // finish ends a connection whose directions both completed.
@@ -745,6 +942,10 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 	}
 	delete(p.conns, c)
 	p.active.Add(-1)
+	if c.paired && !c.copyMode {
+		p.pairedSockets.Add(-2)
+		p.pairings.Add(-2)
+	}
 	if c.paired {
 		if err := p.maps.Unpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie}); err != nil {
 			p.env.log.Error("unpair failed", "client", c.clientAddr, "err", err)
@@ -762,6 +963,7 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 		}
 	}
 	c.lease.Release()
+	c.release()
 	in, out := c.client.settledTotal(), c.backend.settledTotal()
 	p.env.onClose(ConnSummary{
 		Client: c.clientAddr, Backend: c.lease.Backend.ID,
@@ -794,6 +996,50 @@ func (ep *endpoint) settledTotal() uint64 {
 	return atomic.LoadUint64(ep.state) & loader.FlowCountMask
 }
 
+// acceptPause is how long accepts stop after accept itself failed.
+const acceptPause = 100 * time.Millisecond
+
+// setKeepalive turns on TCP keepalive with idle time idle (off when 0):
+// a peer that vanished without FIN or RST is then reset by the kernel,
+// and the connection and its slot are freed.
+func setKeepalive(fd int, idle time.Duration) error {
+	if idle <= 0 {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 0)
+	}
+	for _, o := range []struct{ level, opt, val int }{
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, int(idle / time.Second)},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, int(keepaliveInterval(idle) / time.Second)},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepaliveProbes},
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+	} {
+		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.val); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// backendSockaddr is the address to connect to; an IPv6 link-local
+// backend carries its zone (fe80::1%eth0), which names the interface.
+func backendSockaddr(ap netip.AddrPort) (unix.Sockaddr, error) {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}, nil
+	}
+	sa := &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
+	if zone := ap.Addr().Zone(); zone != "" {
+		ifi, err := net.InterfaceByName(zone)
+		if err != nil {
+			if n, nerr := strconv.Atoi(zone); nerr == nil {
+				sa.ZoneId = uint32(n)
+				return sa, nil
+			}
+			return nil, fmt.Errorf("backend %s: zone %q: %w", ap, zone, err)
+		}
+		sa.ZoneId = uint32(ifi.Index)
+	}
+	return sa, nil
+}
+
 func closeWithReset(fd int) {
 	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
 	unix.Close(fd)
@@ -807,13 +1053,6 @@ func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
 	}
 	return netip.AddrPort{}
-}
-
-func addrPortSockaddr(ap netip.AddrPort) unix.Sockaddr {
-	if ap.Addr().Is4() {
-		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
-	}
-	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
 }
 
 // KernelBytes is what the verdict redirected for one backend.

@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // splicePlane copies each connection with io.Copy between *net.TCPConn,
@@ -22,8 +25,19 @@ type splicePlane struct {
 }
 
 func newSplicePlane(env planeEnv) *splicePlane {
-	d := &net.Dialer{}
+	d := &net.Dialer{KeepAliveConfig: keepaliveConfig(env.keepalive)}
+	if env.keepalive <= 0 {
+		d.KeepAlive = -1
+	}
 	return &splicePlane{env: env, Dial: d.DialContext}
+}
+
+// keepaliveConfig is EDGEPROXY_KEEPALIVE_SECS in the Go runtime's terms.
+func keepaliveConfig(idle time.Duration) net.KeepAliveConfig {
+	if idle <= 0 {
+		return net.KeepAliveConfig{Enable: false}
+	}
+	return net.KeepAliveConfig{Enable: true, Idle: idle, Interval: keepaliveInterval(idle), Count: keepaliveProbes}
 }
 
 func (p *splicePlane) Name() string { return "splice" }
@@ -37,6 +51,11 @@ func (p *splicePlane) Serve(accept, stop context.Context, ln *net.TCPListener) e
 	defer stopAccept()
 	stopAll := context.AfterFunc(stop, conns.closeAll)
 	defer stopAll()
+	if p.env.idleTimeout > 0 || p.env.stallTimeout > 0 {
+		sweepCtx, cancel := context.WithCancel(stop)
+		defer cancel()
+		go p.sweepLoop(sweepCtx, conns)
+	}
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
@@ -52,22 +71,31 @@ func (p *splicePlane) Serve(accept, stop context.Context, ln *net.TCPListener) e
 				return nil
 			}
 			// Out of descriptors and similar: back off, keep serving.
-			p.env.log.Warn("accept failed", "err", err)
-			time.Sleep(10 * time.Millisecond)
+			p.env.warn.Warn("accept", "accept failed, pausing accepts", "err", err, "pause", acceptPause)
+			time.Sleep(acceptPause)
+			continue
+		}
+		clientAddr := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		release, reject := p.env.admission.admit(clientAddr.Addr())
+		if release == nil {
+			p.env.log.Debug("client refused", "client", clientAddr, "reason", reject)
+			c.SetLinger(0)
+			c.Close()
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p.handle(stop, c, conns)
+			defer release()
+			p.handle(stop, c, clientAddr, conns)
 		}()
 	}
 }
 
 // handle owns client from here on: it is closed before handle returns.
-func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, conns *connSet) {
+func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, clientAddr netip.AddrPort, conns *connSet) {
 	start := time.Now()
-	clientAddr := client.RemoteAddr().(*net.TCPAddr).AddrPort()
+	_ = client.SetKeepAliveConfig(keepaliveConfig(p.env.keepalive))
 	lease, reject := p.env.balancer.Acquire(clientAddr.Addr())
 	if lease == nil {
 		p.env.log.Debug("client rejected", "client", clientAddr, "reason", reject)
@@ -75,31 +103,71 @@ func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, conns *co
 		client.Close()
 		return
 	}
-	defer lease.Release()
+	defer func() { lease.Release() }() // the lease that answered, after retries
 	p.env.logOpen("splice", clientAddr, lease)
 	p.active.Add(1)
 	defer p.active.Add(-1)
 
-	target := lease.Backend.AddrPort()
-	dctx, cancel := context.WithTimeout(ctx, p.env.connectTimeout)
-	bc, err := p.Dial(dctx, "tcp", target.String())
-	cancel()
-	if err != nil {
-		lease.state.connectErrs.Add(1)
-		p.env.log.Warn("dial backend failed", "client", clientAddr, "backend", lease.Backend.ID, "addr", target, "err", err)
+	backend, end := p.dialWithRetries(ctx, clientAddr, &lease, start)
+	if backend == nil {
 		client.SetLinger(0)
 		client.Close()
-		p.env.onClose(ConnSummary{Client: clientAddr, Backend: lease.Backend.ID, Duration: time.Since(start), End: "connect_failed"})
+		p.env.onClose(ConnSummary{Client: clientAddr, Backend: lease.Backend.ID, Duration: time.Since(start), End: end})
 		return
 	}
-	backend := bc.(*net.TCPConn)
-	conns.add(client, backend)
-	defer conns.remove(client, backend)
+	lease.Connected()
+	sc := &spliceConn{client: client, backend: backend}
+	conns.add(sc)
+	defer conns.remove(sc)
 
 	in, out, end := spliceBoth(client, backend)
+	if sc.closedFor != "" {
+		end = sc.closedFor
+	}
 	lease.state.bytesIn.Add(uint64(in))
 	lease.state.bytesOut.Add(uint64(out))
 	p.env.onClose(ConnSummary{Client: clientAddr, Backend: lease.Backend.ID, BytesIn: uint64(in), BytesOut: uint64(out), Duration: time.Since(start), End: end})
+}
+
+// dialWithRetries dials the lease's backend and, when that fails, the
+// next best ones, within the connect timeout for all attempts together.
+// *lease is the lease of the backend that answered, or of the last that
+// failed. Bytes the client sends meanwhile stay in its socket until the
+// copy starts, so the backend that answers gets them all.
+func (p *splicePlane) dialWithRetries(ctx context.Context, clientAddr netip.AddrPort, lease **Lease, start time.Time) (*net.TCPConn, string) {
+	connectBy := start.Add(p.env.connectTimeout)
+	for {
+		l := *lease
+		target := l.Backend.AddrPort()
+		now := time.Now()
+		dctx, cancel := context.WithTimeout(ctx, attemptTimeout(connectBy, now, p.env.retries+2-l.Attempts()))
+		bc, err := p.Dial(dctx, "tcp", target.String())
+		cancel()
+		if err == nil {
+			return bc.(*net.TCPConn), ""
+		}
+		if ctx.Err() != nil {
+			return nil, "shutdown"
+		}
+		if localExhaustion(err) {
+			p.env.balancer.countReject(RejectMaxConns)
+			p.env.warn.Warn("exhausted", "refusing client: this host is out of descriptors or buffers", "client", clientAddr, "err", err)
+			return nil, "max_conns"
+		}
+		l.Failed(err)
+		p.env.warn.Warn("dial:"+l.Backend.ID, "dial backend failed", "client", clientAddr, "backend", l.Backend.ID,
+			"addr", target, "attempt", l.Attempts(), "err", err)
+		if l.Attempts() > p.env.retries || !time.Now().Before(connectBy) {
+			p.env.balancer.countReject(RejectAllDialsFailed)
+			return nil, "connect_failed"
+		}
+		next, _ := p.env.balancer.AcquireNext(l)
+		if next == nil {
+			return nil, "connect_failed"
+		}
+		*lease = next
+		p.env.logOpen("splice", clientAddr, next)
+	}
 }
 
 // spliceBoth runs both copy loops until each direction has ended, then
@@ -169,34 +237,118 @@ func abort(a, b *net.TCPConn) {
 	b.Close()
 }
 
+// spliceConn is one spliced pair, as the sweep sees it.
+type spliceConn struct {
+	client, backend *net.TCPConn
+	// Written by the sweep only.
+	stallAcked [2]uint64
+	stallSince [2]time.Time
+	closedFor  string // set before the sweep closes the pair
+}
+
 // connSet tracks live connections so shutdown can close them.
 type connSet struct {
 	mu sync.Mutex
-	m  map[*net.TCPConn]struct{}
+	m  map[*spliceConn]struct{}
 }
 
-func newConnSet() *connSet { return &connSet{m: map[*net.TCPConn]struct{}{}} }
+func newConnSet() *connSet { return &connSet{m: map[*spliceConn]struct{}{}} }
 
-func (s *connSet) add(cs ...*net.TCPConn) {
+func (s *connSet) add(c *spliceConn) {
 	s.mu.Lock()
-	for _, c := range cs {
-		s.m[c] = struct{}{}
-	}
+	s.m[c] = struct{}{}
 	s.mu.Unlock()
 }
 
-func (s *connSet) remove(cs ...*net.TCPConn) {
+func (s *connSet) remove(c *spliceConn) {
 	s.mu.Lock()
-	for _, c := range cs {
-		delete(s.m, c)
-	}
+	delete(s.m, c)
 	s.mu.Unlock()
 }
 
 func (s *connSet) closeAll() {
 	s.mu.Lock()
 	for c := range s.m {
-		c.Close()
+		c.client.Close()
+		c.backend.Close()
 	}
 	s.mu.Unlock()
+}
+
+func (s *connSet) list() []*spliceConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*spliceConn, 0, len(s.m))
+	for c := range s.m {
+		out = append(out, c)
+	}
+	return out
+}
+
+// sweepLoop closes pairs idle both ways for the idle timeout and resets
+// pairs with a direction stalled for the stall timeout. The kernel keeps
+// both clocks: TCP_INFO's time since data was last received on each
+// socket, and its acknowledged byte count.
+func (p *splicePlane) sweepLoop(ctx context.Context, conns *connSet) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	var nextStall time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			stallDue := p.env.stallTimeout > 0 && !now.Before(nextStall)
+			if stallDue {
+				nextStall = now.Add(stallSweepPeriod(p.env.stallTimeout))
+			}
+			for _, c := range conns.list() {
+				p.sweepConn(c, now, stallDue)
+			}
+		}
+	}
+}
+
+func (p *splicePlane) sweepConn(c *spliceConn, now time.Time, stallDue bool) {
+	var infos [2]*unix.TCPInfo
+	var outq [2]int
+	for i, tc := range []*net.TCPConn{c.client, c.backend} {
+		raw, err := tc.SyscallConn()
+		if err != nil {
+			return
+		}
+		_ = raw.Control(func(fd uintptr) {
+			infos[i], _ = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+			outq[i], _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+		})
+		if infos[i] == nil {
+			return
+		}
+	}
+	if idle := p.env.idleTimeout; idle > 0 {
+		quiet := func(ti *unix.TCPInfo) bool { return time.Duration(ti.Last_data_recv)*time.Millisecond >= idle }
+		if quiet(infos[0]) && quiet(infos[1]) && outq[0] == 0 && outq[1] == 0 {
+			c.closedFor = "idle_timeout"
+			c.client.Close()
+			c.backend.Close()
+			return
+		}
+	}
+	if !stallDue {
+		return
+	}
+	for i := range infos {
+		acked := infos[i].Bytes_acked
+		if outq[i] == 0 || acked != c.stallAcked[i] || c.stallSince[i].IsZero() {
+			c.stallAcked[i], c.stallSince[i] = acked, now
+			continue
+		}
+		if now.Sub(c.stallSince[i]) >= p.env.stallTimeout {
+			p.env.warn.Warn("stall", "resetting a stalled connection: its receiver took no byte",
+				"client", c.client.RemoteAddr(), "stall_timeout", p.env.stallTimeout)
+			c.closedFor = "stalled"
+			abort(c.client, c.backend)
+			return
+		}
+	}
 }

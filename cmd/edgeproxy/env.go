@@ -46,3 +46,17 @@ func (e env) millis(name string, def int) (time.Duration, error) {
 	}
 	return time.Duration(n) * time.Millisecond, nil
 }
+
+// intIn reads a whole-number variable that must lie in [lo, hi]; unset or
+// empty gives def.
+func (e env) intIn(name string, def, lo, hi int) (int, error) {
+	v := e.str(name, "")
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < lo || n > hi {
+		return 0, fmt.Errorf("%s=%q: want a whole number from %d to %d", name, v, lo, hi)
+	}
+	return n, nil
+}

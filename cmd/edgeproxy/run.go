@@ -13,12 +13,14 @@ import (
 	"github.com/edgeproxy/edgeproxy/userspace"
 	"github.com/edgeproxy/edgeproxy/userspace/wgmesh"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
 func newRunCommand(e env) *cobra.Command {
 	var cfg userspace.Config
 	var reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs int
 	var debug bool
+	var lim limitSettings
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Serve: accept clients, route them, splice them to backends",
@@ -81,6 +83,10 @@ func newRunCommand(e env) *cobra.Command {
 			if !flags.Changed("debug") {
 				debug = e.str("DEBUG", "") != ""
 			}
+			if err := lim.resolve(e, flags); err != nil {
+				return err
+			}
+			lim.apply(&cfg)
 			cfg.DBReload = secs(reloadSecs)
 			cfg.BindingTTL = secs(ttlSecs)
 			cfg.BindingGC = secs(gcSecs)
@@ -91,7 +97,11 @@ func newRunCommand(e env) *cobra.Command {
 			if debug {
 				level = slog.LevelDebug
 			}
-			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			// Lines go out through a queue: a slow reader of stderr must
+			// never stall the event loop that logs.
+			logOut := userspace.NewAsyncWriter(os.Stderr, 4096)
+			defer logOut.Close()
+			log := slog.New(slog.NewTextHandler(logOut, &slog.HandlerOptions{Level: level}))
 			userspace.RaiseFileLimit(log)
 			// The overlay comes up before the proxy so backends behind it
 			// answer from the first connection, and goes down last.
@@ -139,5 +149,94 @@ func newRunCommand(e env) *cobra.Command {
 	f.IntVar(&connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
 	f.IntVar(&drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
 	f.BoolVar(&debug, "debug", false, "debug logging (DEBUG)")
+	lim.flags(f)
 	return cmd
 }
+
+// limitSettings are the health, retry, limit and timeout settings: whole
+// numbers, each with a flag, a variable, a default and a range. A value
+// out of range is refused at start.
+type limitSettings struct {
+	healthIntervalSecs, healthTimeoutMS, healthFall, healthRise int
+	connectRetries, clientMaxConns, clientRate, maxConns        int
+	keepaliveSecs, idleTimeoutSecs, maxBufferedMB, stallSecs    int
+}
+
+type intSetting struct {
+	flag, name, help string
+	def, lo, hi      int
+	val              *int
+}
+
+// Defaults, and why:
+//   - client max conns 1024: one address may not take every slot, yet a
+//     carrier-grade NAT address serving hundreds of users, each with a few
+//     connections, stays below it (a tenth of the default process cap at
+//     a 20,000 descriptor limit).
+//   - client rate 0 (off): a NAT address or a load test legitimately opens
+//     hundreds of connections a second; only the operator knows the mix.
+//   - max buffered 64 MiB: what a 1 GiB host can spare for queues in
+//     front of slow readers, and one bulk stream still gets 32 MiB.
+func (l *limitSettings) table() []intSetting {
+	const day = 86400
+	return []intSetting{
+		{"health-interval-secs", "EDGEPROXY_HEALTH_INTERVAL_SECS", "active TCP check period; 0 disables checks", 5, 0, day, &l.healthIntervalSecs},
+		{"health-timeout-ms", "EDGEPROXY_HEALTH_TIMEOUT_MS", "one check's connect timeout", 1000, 1, 60000, &l.healthTimeoutMS},
+		{"health-fall", "EDGEPROXY_HEALTH_FALL", "failures in a row that mark a backend down", 3, 1, 1000, &l.healthFall},
+		{"health-rise", "EDGEPROXY_HEALTH_RISE", "successes in a row that mark a backend up", 2, 1, 1000, &l.healthRise},
+		{"connect-retries", "EDGEPROXY_CONNECT_RETRIES", "further backends tried after a failed dial", 2, 0, 16, &l.connectRetries},
+		{"client-max-conns", "EDGEPROXY_CLIENT_MAX_CONNS", "concurrent connections per client address; 0 disables", 1024, 0, 10_000_000, &l.clientMaxConns},
+		{"client-rate", "EDGEPROXY_CLIENT_RATE", "new connections per second per client address; 0 disables", 0, 0, 10_000_000, &l.clientRate},
+		{"max-conns", "EDGEPROXY_MAX_CONNS", "connections for the whole process; 0: derived from the open-file limit", 0, 0, 100_000_000, &l.maxConns},
+		{"keepalive-secs", "EDGEPROXY_KEEPALIVE_SECS", "TCP keepalive idle time on both sockets; 0 disables", 60, 0, day, &l.keepaliveSecs},
+		{"idle-timeout-secs", "EDGEPROXY_IDLE_TIMEOUT_SECS", "close a connection idle both ways this long; 0 disables", 0, 0, 30 * day, &l.idleTimeoutSecs},
+		{"max-buffered-mb", "EDGEPROXY_MAX_BUFFERED_MB", "MiB all connections may park in kernel queues before directions pause", 64, 1, 1 << 20, &l.maxBufferedMB},
+		{"stall-timeout-secs", "EDGEPROXY_STALL_TIMEOUT_SECS", "reset a direction that made no progress this long; 0 disables", 300, 0, 30 * day, &l.stallSecs},
+	}
+}
+
+func (l *limitSettings) flags(f *pflag.FlagSet) {
+	for _, s := range l.table() {
+		f.IntVar(s.val, s.flag, s.def, fmt.Sprintf("%s (%s, default %d)", s.help, s.name, s.def))
+	}
+}
+
+// resolve takes each setting from its flag when given, else from its
+// variable, else the default, and checks the range.
+func (l *limitSettings) resolve(e env, flags *pflag.FlagSet) error {
+	for _, s := range l.table() {
+		if flags.Changed(s.flag) {
+			if *s.val < s.lo || *s.val > s.hi {
+				return fmt.Errorf("--%s=%d: want a whole number from %d to %d", s.flag, *s.val, s.lo, s.hi)
+			}
+			continue
+		}
+		v, err := e.intIn(s.name, s.def, s.lo, s.hi)
+		if err != nil {
+			return err
+		}
+		*s.val = v
+	}
+	if l.healthIntervalSecs > 0 && l.healthTimeoutMS > l.healthIntervalSecs*1000 {
+		return fmt.Errorf("EDGEPROXY_HEALTH_TIMEOUT_MS=%d: longer than EDGEPROXY_HEALTH_INTERVAL_SECS=%d, checks would overlap", l.healthTimeoutMS, l.healthIntervalSecs)
+	}
+	return nil
+}
+
+func (l *limitSettings) apply(cfg *userspace.Config) {
+	cfg.Health = userspace.HealthConfig{
+		Interval: secs(l.healthIntervalSecs), Timeout: millis(l.healthTimeoutMS),
+		Fall: l.healthFall, Rise: l.healthRise, Workers: healthWorkers,
+	}
+	cfg.ConnectRetries = l.connectRetries
+	cfg.ClientMaxConns = l.clientMaxConns
+	cfg.ClientRate = float64(l.clientRate)
+	cfg.MaxConns = l.maxConns
+	cfg.Keepalive = secs(l.keepaliveSecs)
+	cfg.IdleTimeout = secs(l.idleTimeoutSecs)
+	cfg.MaxBufferedMB = l.maxBufferedMB
+	cfg.StallTimeout = secs(l.stallSecs)
+}
+
+// healthWorkers bounds the health probes in flight at once.
+const healthWorkers = 16

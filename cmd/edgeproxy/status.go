@@ -64,7 +64,10 @@ func printStatus(w io.Writer, st userspace.Status) {
 		reload += ": " + st.LastReloadError
 	}
 	fmt.Fprintf(w, "routing version %s, last reload %s (%s)\n", st.RoutingVersion, st.LastReload.Format(time.RFC3339), reload)
-	fmt.Fprintf(w, "active connections %d, affinity bindings %d\n", st.Active, st.Bindings)
+	fmt.Fprintf(w, "active connections %d (at most %d), affinity bindings %d\n", st.Active, st.MaxConns, st.Bindings)
+	if st.Panic {
+		fmt.Fprintln(w, "PANIC ROUTING: checks hold every backend down; routing to all of them")
+	}
 	rejected := 0
 	for _, n := range st.Rejected {
 		rejected += int(n)
@@ -74,10 +77,21 @@ func printStatus(w io.Writer, st userspace.Status) {
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "BACKEND\tREGION\tCOUNTRY\tADDRESS\tHEALTHY\tWEIGHT\tSOFT\tHARD\tACTIVE\tTOTAL\tERRORS\tBYTES IN\tBYTES OUT")
+	fmt.Fprintln(tw, "BACKEND\tREGION\tCOUNTRY\tADDRESS\tSTATE\tSINCE\tWEIGHT\tSOFT\tHARD\tACTIVE\tTOTAL\tERRORS\tRETRIES\tBYTES IN\tBYTES OUT")
+	var lastErrors []string
 	for _, b := range st.Backends {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", b.ID, b.Region, b.Country, b.Address,
-			b.Healthy, b.Weight, b.SoftLimit, b.HardLimit, b.Active, b.Total, b.ConnectErrors, b.BytesToBackend, b.BytesToClient)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", b.ID, b.Region, b.Country, b.Address,
+			b.State, b.StateSince.Format(time.RFC3339), b.Weight, b.SoftLimit, b.HardLimit, b.Active, b.Total, b.ConnectErrors,
+			b.ConnectRetries, b.BytesToBackend, b.BytesToClient)
+		if b.LastError != "" {
+			lastErrors = append(lastErrors, fmt.Sprintf("%s: %s", b.ID, b.LastError))
+		}
 	}
 	tw.Flush()
+	if len(lastErrors) > 0 {
+		fmt.Fprintln(w, "\nlast check or dial error:")
+		for _, e := range lastErrors {
+			fmt.Fprintln(w, "  "+e)
+		}
+	}
 }

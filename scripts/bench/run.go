@@ -444,6 +444,8 @@ func (b *bench) epEnv(c *contender) []string {
 		"EDGEPROXY_BPF_PIN_PATH="+c.pin,
 		"EDGEPROXY_ADMIN_ADDR=",
 		"EDGEPROXY_WG_INTERFACE=",
+		// One client address opens every connection of the benchmark.
+		"EDGEPROXY_CLIENT_MAX_CONNS=0",
 	)
 }
 

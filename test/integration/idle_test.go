@@ -25,7 +25,8 @@ func TestManyIdleConnections(t *testing.T) {
 		t.Run(tc.plane, func(t *testing.T) {
 			topo := nettest.NewTopology(t)
 			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", nettest.Greeter("b1"))
-			p := startProxy(t, topo.Proxy, tc.plane, []backendRow{backendAt("b1", 9000)})
+			// Every connection comes from one address: no per-client cap here.
+			p := startProxy(t, topo.Proxy, tc.plane, []backendRow{backendAt("b1", 9000)}, "EDGEPROXY_CLIENT_MAX_CONNS=0")
 			before := p.rssKiB(t)
 			deadline := time.Now().Add(120 * time.Second)
 			conns := make([]*net.TCPConn, 0, tc.conns)
