@@ -224,140 +224,159 @@ func TestClientLimitsFlood(t *testing.T) {
 // logs at most about one accept warning per second.
 func TestLowDescriptorLimit(t *testing.T) {
 	forEachPlane(t, func(t *testing.T, plane string) {
-		topo := nettest.NewTopology(t)
-		nettest.Serve(t, topo.Backend, nettest.BackendIP+":9001", nettest.Greeter("b1"))
-		nettest.Serve(t, topo.Backend, nettest.BackendIP+":9002", nettest.Greeter("b2"))
-		rows := []backendRow{backendAt("b1", 9001), backendAt("b2", 9002)}
-		// Fast checks with fall 1: a check that failed for want of a
-		// descriptor would mark a backend down at once.
-		env := append(healthEnv(1, 1, 1), adminEnv, "EDGEPROXY_BINDING_TTL_SECS=0")
-		p := startProxyWrapped(t, topo.Proxy, plane, rows, []string{"prlimit", "--nofile=64:64"}, env...)
-		if comm, err := readProcFile(p.cmd.Process.Pid, "comm"); err != nil || comm != "edgeproxy" {
-			t.Fatalf("pid %d runs %q (%v), want edgeproxy: the wrapper must exec it", p.cmd.Process.Pid, comm, err)
-		}
-		if lim, err := readProcFile(p.cmd.Process.Pid, "limits"); err != nil || !regexp.MustCompile(`Max open files\s+64\s+64\s`).MatchString(lim) {
-			t.Fatalf("the proxy's open-file limit is not 64:\n%s%v", lim, err)
-		}
+		t.Run("derived cap", func(t *testing.T) { lowDescriptorLimit(t, plane, false) })
+		// A cap above what the descriptors hold: accept and dial meet
+		// EMFILE, the case that used to spin and blame the backends.
+		t.Run("cap above the limit", func(t *testing.T) { lowDescriptorLimit(t, plane, true, "EDGEPROXY_MAX_CONNS=1000") })
+	})
+}
 
-		const conns = 60
-		var attempts []attempt
-		defer func() {
-			for _, a := range attempts {
-				if a.conn != nil {
-					a.conn.Close()
-				}
-			}
-		}()
-		count := map[outcome]int{}
-		for i := range conns {
-			a := tryGreeting(topo.Client, "", proxyAddr, time.Second)
-			attempts = append(attempts, a)
-			count[a.out]++
-			if a.out == broken || (a.out == refused && a.latency > refusedAtOnce) {
-				t.Errorf("connection %d of %d: %s; want a greeting, a refusal at once, or a wait in the backlog", i+1, conns, a)
-			}
-		}
-		t.Logf("%s: %d connections at 64 open files: %d greeted, %d refused, %d waiting", plane, conns, count[greeted], count[refused], count[silent])
-		if count[greeted] == 0 {
-			t.Fatalf("no connection got through at 64 open files")
-		}
-		if count[greeted] == conns {
-			t.Fatalf("all %d connections got through at 64 open files: the test holds too few to exhaust them", conns)
-		}
-		// The ones that fit work.
-		for i, a := range attempts {
-			if a.out != greeted {
-				continue
-			}
-			msg := fmt.Sprintf("still here %d", i)
-			fmt.Fprintln(a.conn, msg)
-			if got, err := nettest.ReadLine(a.conn, 2*time.Second); err != nil || got != msg {
-				t.Errorf("connection %d (greeted by %s): echo %q, %v", i+1, a.id, got, err)
-			}
-		}
+// lowDescriptorLimit is one run of TestLowDescriptorLimit; exhausted says the
+// descriptors, not the cap, run out first, so the admin server can only be
+// asked once the clients are gone.
+func lowDescriptorLimit(t *testing.T, plane string, exhausted bool, extraEnv ...string) {
+	topo := nettest.NewTopology(t)
+	nettest.Serve(t, topo.Backend, nettest.BackendIP+":9001", nettest.Greeter("b1"))
+	nettest.Serve(t, topo.Backend, nettest.BackendIP+":9002", nettest.Greeter("b2"))
+	rows := []backendRow{backendAt("b1", 9001), backendAt("b2", 9002)}
+	// Fast checks with fall 1: a check that failed for want of a
+	// descriptor would mark a backend down at once.
+	env := append(healthEnv(1, 1, 1), adminEnv, "EDGEPROXY_BINDING_TTL_SECS=0")
+	env = append(env, extraEnv...)
+	p := startProxyWrapped(t, topo.Proxy, plane, rows, []string{"prlimit", "--nofile=64:64"}, env...)
+	if comm, err := readProcFile(p.cmd.Process.Pid, "comm"); err != nil || comm != "edgeproxy" {
+		t.Fatalf("pid %d runs %q (%v), want edgeproxy: the wrapper must exec it", p.cmd.Process.Pid, comm, err)
+	}
+	if lim, err := readProcFile(p.cmd.Process.Pid, "limits"); err != nil || !regexp.MustCompile(`Max open files\s+64\s+64\s`).MatchString(lim) {
+		t.Fatalf("the proxy's open-file limit is not 64:\n%s%v", lim, err)
+	}
 
-		// Take one more descriptor with an admin connection that sends
-		// nothing, then queue a few more clients: accept now has no
-		// descriptor either, the case that used to spin.
-		var hog *net.TCPConn
-		if err := topo.Proxy.Do(func() error {
-			c, err := net.DialTimeout("tcp", adminAddr, 2*time.Second)
-			if err == nil {
-				hog = c.(*net.TCPConn)
-			}
-			return err
-		}); err != nil {
-			t.Fatalf("dial the admin server: %v", err)
-		}
-		defer hog.Close()
-		for i := range 10 {
-			a := tryGreeting(topo.Client, "", proxyAddr, 300*time.Millisecond)
-			attempts = append(attempts, a)
-			count[a.out]++
-			if a.out == broken || a.out == greeted || (a.out == refused && a.latency > refusedAtOnce) {
-				t.Errorf("connection %d of 10 past the limit: %s; want a refusal at once or a wait in the backlog", i+1, a)
+	const conns = 60
+	var attempts []attempt
+	defer func() {
+		for _, a := range attempts {
+			if a.conn != nil {
+				a.conn.Close()
 			}
 		}
-		t.Logf("%s: with 10 more: %d refused, %d waiting in all", plane, count[refused], count[silent])
+	}()
+	count := map[outcome]int{}
+	for i := range conns {
+		a := tryGreeting(topo.Client, "", proxyAddr, time.Second)
+		attempts = append(attempts, a)
+		count[a.out]++
+		if a.out == broken || (a.out == refused && a.latency > refusedAtOnce) {
+			t.Errorf("connection %d of %d: %s; want a greeting, a refusal at once, or a wait in the backlog", i+1, conns, a)
+		}
+	}
+	t.Logf("%s: %d connections at 64 open files: %d greeted, %d refused, %d waiting", plane, conns, count[greeted], count[refused], count[silent])
+	if count[greeted] == 0 {
+		t.Fatalf("no connection got through at 64 open files")
+	}
+	if count[greeted] == conns {
+		t.Fatalf("all %d connections got through at 64 open files: the test holds too few to exhaust them", conns)
+	}
+	// The ones that fit work.
+	for i, a := range attempts {
+		if a.out != greeted {
+			continue
+		}
+		msg := fmt.Sprintf("still here %d", i)
+		fmt.Fprintln(a.conn, msg)
+		if got, err := nettest.ReadLine(a.conn, 2*time.Second); err != nil || got != msg {
+			t.Errorf("connection %d (greeted by %s): echo %q, %v", i+1, a.id, got, err)
+		}
+	}
 
-		// Hold for 3s: CPU near idle, a handful of accept warnings at most.
-		logsBefore := len(p.logs.String())
-		cpuBefore := p.cpuTicks(t)
-		time.Sleep(3 * time.Second)
-		cpu := p.cpuTicks(t) - cpuBefore
-		var warnings []string
-		for _, line := range strings.Split(p.logs.String()[logsBefore:], "\n") {
-			if strings.Contains(strings.ToLower(line), "accept") {
-				warnings = append(warnings, line)
-			}
+	// Take one more descriptor with an admin connection that sends
+	// nothing, then queue a few more clients: accept now has no
+	// descriptor either, the case that used to spin.
+	var hog *net.TCPConn
+	if err := topo.Proxy.Do(func() error {
+		c, err := net.DialTimeout("tcp", adminAddr, 2*time.Second)
+		if err == nil {
+			hog = c.(*net.TCPConn)
 		}
-		t.Logf("%s: holding for 3s: %d CPU ticks, %d accept log lines", plane, cpu, len(warnings))
-		// USER_HZ is 100 on Linux: 50 ticks are 0.5s.
-		if cpu >= 50 {
-			t.Errorf("the proxy used %d CPU ticks (1/100 s) in 3s holding at the descriptor limit, want under 50: it spins", cpu)
+		return err
+	}); err != nil {
+		t.Fatalf("dial the admin server: %v", err)
+	}
+	defer hog.Close()
+	for i := range 10 {
+		a := tryGreeting(topo.Client, "", proxyAddr, 300*time.Millisecond)
+		attempts = append(attempts, a)
+		count[a.out]++
+		if a.out == broken || a.out == greeted || (a.out == refused && a.latency > refusedAtOnce) {
+			t.Errorf("connection %d of 10 past the limit: %s; want a refusal at once or a wait in the backlog", i+1, a)
 		}
-		if len(warnings) > 5 {
-			t.Errorf("%d accept log lines in 3s at the descriptor limit, want at most about one per second; first ones:\n%s",
-				len(warnings), strings.Join(warnings[:min(5, len(warnings))], "\n"))
-		}
+	}
+	t.Logf("%s: with 10 more: %d refused, %d waiting in all", plane, count[refused], count[silent])
 
-		hog.Close()
-		st := proxyStatus(t, topo.Proxy)
-		for _, b := range st.Backends {
-			if b.State != "up" {
-				t.Errorf("backend %s state %q at the descriptor limit, want up: %s", b.ID, b.State, st.states())
-			}
-			if b.ConnectErrors != 0 {
-				t.Errorf("backend %s has %d connect errors at the descriptor limit, want 0", b.ID, b.ConnectErrors)
-			}
+	// Hold for 3s: CPU near idle, a handful of accept warnings at most.
+	logsBefore := len(p.logs.String())
+	cpuBefore := p.cpuTicks(t)
+	time.Sleep(3 * time.Second)
+	cpu := p.cpuTicks(t) - cpuBefore
+	var warnings []string
+	for _, line := range strings.Split(p.logs.String()[logsBefore:], "\n") {
+		if strings.Contains(strings.ToLower(line), "accept") {
+			warnings = append(warnings, line)
 		}
-		m := scrape(t, topo.Proxy)
-		rejected, _ := m.get(`edgeproxy_rejected_connections_total{reason="max_conns"}`)
-		if count[refused] > 0 && rejected == 0 {
-			t.Errorf(`%d connections refused but rejected max_conns = 0`, count[refused])
-		}
-		for _, id := range []string{"b1", "b2"} {
-			if got, _ := m.get(fmt.Sprintf(`edgeproxy_backend_connect_errors_total{backend=%q}`, id)); got != 0 {
-				t.Errorf("edgeproxy_backend_connect_errors_total{backend=%q} = %v, want 0", id, got)
-			}
-			if got, _ := m.get(fmt.Sprintf(`edgeproxy_health_checks_total{backend=%q,result="fail"}`, id)); got != 0 {
-				t.Errorf("edgeproxy_health_checks_total{backend=%q,result=\"fail\"} = %v, want 0", id, got)
-			}
-		}
+	}
+	t.Logf("%s: holding for 3s: %d CPU ticks, %d accept log lines", plane, cpu, len(warnings))
+	// USER_HZ is 100 on Linux: 50 ticks are 0.5s.
+	if cpu >= 50 {
+		t.Errorf("the proxy used %d CPU ticks (1/100 s) in 3s holding at the descriptor limit, want under 50: it spins", cpu)
+	}
+	if len(warnings) > 5 {
+		t.Errorf("%d accept log lines in 3s at the descriptor limit, want at most about one per second; first ones:\n%s",
+			len(warnings), strings.Join(warnings[:min(5, len(warnings))], "\n"))
+	}
 
-		// Once the clients go, the proxy serves again.
+	hog.Close()
+	if exhausted {
 		for i := range attempts {
 			if attempts[i].conn != nil {
 				attempts[i].conn.Close()
 				attempts[i].conn = nil
 			}
 		}
-		waitUntil(t, 3*time.Second, "a new client served after the others left", func() (bool, string) {
-			a := tryGreeting(topo.Client, "", proxyAddr, time.Second)
-			if a.conn != nil {
-				a.conn.Close()
-			}
-			return a.out == greeted, a.String()
-		})
+	}
+	st := proxyStatus(t, topo.Proxy)
+	for _, b := range st.Backends {
+		if b.State != "up" {
+			t.Errorf("backend %s state %q at the descriptor limit, want up: %s", b.ID, b.State, st.states())
+		}
+		if b.ConnectErrors != 0 {
+			t.Errorf("backend %s has %d connect errors at the descriptor limit, want 0", b.ID, b.ConnectErrors)
+		}
+	}
+	m := scrape(t, topo.Proxy)
+	rejected, _ := m.get(`edgeproxy_rejected_connections_total{reason="max_conns"}`)
+	if count[refused] > 0 && rejected == 0 {
+		t.Errorf(`%d connections refused but rejected max_conns = 0`, count[refused])
+	}
+	for _, id := range []string{"b1", "b2"} {
+		if got, _ := m.get(fmt.Sprintf(`edgeproxy_backend_connect_errors_total{backend=%q}`, id)); got != 0 {
+			t.Errorf("edgeproxy_backend_connect_errors_total{backend=%q} = %v, want 0", id, got)
+		}
+		if got, _ := m.get(fmt.Sprintf(`edgeproxy_health_checks_total{backend=%q,result="fail"}`, id)); got != 0 {
+			t.Errorf("edgeproxy_health_checks_total{backend=%q,result=\"fail\"} = %v, want 0", id, got)
+		}
+	}
+
+	// Once the clients go, the proxy serves again.
+	for i := range attempts {
+		if attempts[i].conn != nil {
+			attempts[i].conn.Close()
+			attempts[i].conn = nil
+		}
+	}
+	waitUntil(t, 3*time.Second, "a new client served after the others left", func() (bool, string) {
+		a := tryGreeting(topo.Client, "", proxyAddr, time.Second)
+		if a.conn != nil {
+			a.conn.Close()
+		}
+		return a.out == greeted, a.String()
 	})
 }
