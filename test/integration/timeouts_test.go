@@ -191,6 +191,10 @@ type tcpSockets struct {
 	// kernel it waits, socket queues or sockmap's own, it is held for the
 	// proxy. Only meaningful in the proxy's namespace.
 	parked int
+	// Of parked, the bytes in socket queues: the Recv-Q of sockets to
+	// backends and the Send-Q of sockets to clients. The rest waits in
+	// sockmap's psock queues (or the splice plane's pipes).
+	backendRecvQ, clientSendQ int
 }
 
 var (
@@ -222,11 +226,15 @@ func ssTCP(t *testing.T, ns *nettest.NS, backendPort int) tcpSockets {
 		for _, m := range ssNumRe.FindAllStringSubmatch(line, -1) {
 			nums[m[1]], _ = strconv.Atoi(m[2])
 		}
+		recvQ, _ := strconv.Atoi(f[1])
+		sendQ, _ := strconv.Atoi(f[2])
 		switch {
 		case strings.HasSuffix(f[3], ":8080"):
 			s.parked -= nums["bytes_acked"]
+			s.clientSendQ += sendQ
 		case strings.HasSuffix(f[4], fmt.Sprintf(":%d", backendPort)):
 			s.parked += nums["bytes_received"]
+			s.backendRecvQ += recvQ
 		}
 	}
 	return s
@@ -296,11 +304,15 @@ func TestStoppedReaderBudgetAndStall(t *testing.T) {
 		sweep := max(time.Second, stall/4)
 		bound := stall + sweep + 3*time.Second
 		var maxParked, maxQueued, maxShare int
+		var atMax tcpSockets // the sample with the most parked
 		var got []writerEnd
 		for time.Since(connected) < bound && len(got) < conns {
 			prx := ssTCP(t, topo.Proxy, 9000)
 			others := ssTCP(t, topo.Client, 9000).queued + ssTCP(t, topo.Backend, 9000).queued
-			maxParked, maxQueued = max(maxParked, prx.parked), max(maxQueued, prx.queued)
+			if prx.parked > maxParked {
+				maxParked, atMax = prx.parked, prx
+			}
+			maxQueued = max(maxQueued, prx.queued)
 			maxShare = max(maxShare, (tcpMemPages(t)-baseGlobal)*4096-others)
 		drain:
 			for {
@@ -315,6 +327,8 @@ func TestStoppedReaderBudgetAndStall(t *testing.T) {
 		}
 		t.Logf("%s: %d stopped readers: the proxy held up to %d KiB of payload; its socket queues up to %d KiB of memory; the machine's TCP memory less the client's and backends' queues grew by up to %d KiB",
 			plane, conns, maxParked>>10, maxQueued>>10, maxShare>>10)
+		t.Logf("%s: of the %d KiB held at most, %d KiB waited in the Recv-Q of sockets to backends, %d KiB in the Send-Q of sockets to clients, %d KiB elsewhere (psock queues or pipes)",
+			plane, atMax.parked>>10, atMax.backendRecvQ>>10, atMax.clientSendQ>>10, (atMax.parked-atMax.backendRecvQ-atMax.clientSendQ)>>10)
 
 		// The budget bounds what is parked before directions pause; what
 		// the backends had in flight then still lands. Allow 2 MiB of that
