@@ -351,6 +351,13 @@ func lowDescriptorLimit(t *testing.T, plane string, exhausted bool, extraEnv ...
 			t.Errorf("backend %s has %d connect errors at the descriptor limit, want 0", b.ID, b.ConnectErrors)
 		}
 	}
+	// The admin server could not be asked while descriptors ran out:
+	// the log says whether a backend went down meanwhile.
+	for _, line := range strings.Split(p.logs.String(), "\n") {
+		if strings.Contains(line, `msg="backend down"`) || strings.Contains(line, `msg="panic routing on`) {
+			t.Errorf("at the descriptor limit: %s", line)
+		}
+	}
 	m := scrape(t, topo.Proxy)
 	rejected, _ := m.get(`edgeproxy_rejected_connections_total{reason="max_conns"}`)
 	if count[refused] > 0 && rejected == 0 {
