@@ -49,6 +49,7 @@ var embeddedGeo = sync.OnceValues(func() ([]byte, error) {
 // safe for concurrent use.
 type Geo struct {
 	kind string
+	path string // the file it was read from; "" for the embedded one
 	mmdb *maxminddb.Reader
 	// countryPath is where a record keeps its country code; fallbackPath,
 	// if set, is tried when that is empty.
@@ -94,6 +95,7 @@ func OpenGeo(path string) (*Geo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open geo database %s: %w", path, err)
 	}
+	g.path = path
 	return g, nil
 }
 
@@ -176,11 +178,21 @@ func detectRecordPath(r *maxminddb.Reader) ([]any, string, error) {
 // For MaxMind data, an address with no country record (anycast, satellite)
 // falls back to its registered country, which is still a better hint than
 // none.
+//
+// Addresses that belong to no country (private, shared, loopback,
+// link-local, multicast, documentation and other special-purpose ranges,
+// see noCountry) have none whatever the database says: some databases map
+// them to whoever registered the block, which would send a client on the
+// LAN abroad.
 func (g *Geo) Country(addr netip.Addr) string {
 	if !addr.IsValid() {
 		return ""
 	}
-	res := g.mmdb.Lookup(addr.Unmap())
+	addr = addr.WithZone("").Unmap()
+	if HasNoCountry(addr) {
+		return ""
+	}
+	res := g.mmdb.Lookup(addr)
 	if !res.Found() {
 		return ""
 	}
@@ -196,10 +208,67 @@ func (g *Geo) Country(addr netip.Addr) string {
 	return strings.ToUpper(cc)
 }
 
+// noCountry are the special-purpose ranges (RFC 6890 and its IANA
+// registries) whose addresses are not in any country: a client from one
+// of them is on a private network, behind carrier NAT, or not a real
+// client at all.
+var noCountry = func() []netip.Prefix {
+	var ps []netip.Prefix
+	for _, s := range []string{
+		"0.0.0.0/8",       // "this network"
+		"10.0.0.0/8",      // RFC 1918
+		"100.64.0.0/10",   // shared address space (carrier-grade NAT)
+		"127.0.0.0/8",     // loopback
+		"169.254.0.0/16",  // link-local
+		"172.16.0.0/12",   // RFC 1918
+		"192.0.0.0/24",    // IETF protocol assignments
+		"192.0.2.0/24",    // TEST-NET-1 (documentation)
+		"192.168.0.0/16",  // RFC 1918
+		"198.18.0.0/15",   // benchmarking
+		"198.51.100.0/24", // TEST-NET-2 (documentation)
+		"203.0.113.0/24",  // TEST-NET-3 (documentation)
+		"224.0.0.0/4",     // multicast
+		"240.0.0.0/4",     // reserved, 255.255.255.255 (broadcast) included
+		"::/128",          // unspecified
+		"::1/128",         // loopback
+		"64:ff9b:1::/48",  // local-use IPv4/IPv6 translation
+		"2001:db8::/32",   // documentation
+		"fc00::/7",        // unique local (ULA)
+		"fe80::/10",       // link-local
+		"ff00::/8",        // multicast
+	} {
+		ps = append(ps, netip.MustParsePrefix(s))
+	}
+	return ps
+}()
+
+// HasNoCountry reports whether addr lies in a special-purpose range that
+// belongs to no country (see Geo.Country). IPv4-mapped IPv6 is judged as
+// IPv4.
+func HasNoCountry(addr netip.Addr) bool {
+	addr = addr.WithZone("").Unmap()
+	for _, p := range noCountry {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
 // Kind names the database for logs, e.g. "embedded geo-whois-asn-country
 // 2.3.2026061719", "maxmind GeoLite2-Country", "ip-location-db country
 // ipvAll".
 func (g *Geo) Kind() string { return g.kind }
+
+// Describe names the database for the start line: its file and its kind,
+// e.g. "/var/lib/geo/GeoLite2-Country.mmdb (maxmind GeoLite2-Country)",
+// or "embedded (geo-whois-asn-country 2.3.2026061719)".
+func (g *Geo) Describe() string {
+	if g.path == "" {
+		return "embedded (" + strings.TrimPrefix(g.kind, "embedded ") + ")"
+	}
+	return g.path + " (" + g.kind + ")"
+}
 
 // Close releases the database. It must not run concurrently with Country;
 // GeoSource therefore never closes a Geo it has handed out.
@@ -254,6 +323,10 @@ func NewGeoSource(path string) (*GeoSource, error) {
 
 // Current is the database to look up with.
 func (s *GeoSource) Current() *Geo { return s.cur.Load() }
+
+// Describe names the database in use, its file and kind (Geo.Describe),
+// for the start line and reload logs.
+func (s *GeoSource) Describe() string { return s.Current().Describe() }
 
 // Refresh reopens the file if its identity, size or mtime changed since the
 // last attempt; the proxy calls it periodically and on SIGHUP. A file that

@@ -19,7 +19,7 @@ func mmdb(t testing.TB, dbType string, records map[string]mmdbtype.Map) []byte {
 	tree, err := mmdbwriter.New(mmdbwriter.Options{
 		DatabaseType:            dbType,
 		RecordSize:              24,
-		IncludeReservedNetworks: true, // test data lives in documentation ranges
+		IncludeReservedNetworks: true, // some tests map special-purpose ranges on purpose
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -75,9 +75,9 @@ func ipLocationDBRecord(country string) mmdbtype.Map {
 
 func testRecords(record func(string) mmdbtype.Map) map[string]mmdbtype.Map {
 	return map[string]mmdbtype.Map{
-		"192.0.2.0/24":    record("FR"),
-		"198.51.100.0/24": record("BR"),
-		"2001:db8::/32":   record("JP"),
+		"81.2.69.0/24":   record("FR"),
+		"89.160.20.0/24": record("BR"),
+		"2a02:cf40::/32": record("JP"),
 	}
 }
 
@@ -93,22 +93,22 @@ func TestGeoFormats(t *testing.T) {
 		{"maxmind-shaped records under another type", mmdb(t, "Acme-Country", testRecords(func(c string) mmdbtype.Map { return maxmindRecord(c, c) })), "maxmind-compatible Acme-Country"},
 	}
 	lookups := map[string]string{
-		"192.0.2.55":               "FR",
-		"::ffff:192.0.2.55":        "FR", // IPv4-mapped IPv6 is looked up as IPv4
-		"198.51.100.1":             "BR",
-		"2001:db8:1234::1":         "JP",
-		"203.0.113.9":              "", // not in the database
-		"2001:db9::1":              "",
-		"::ffff:203.0.113.9":       "",
-		"fe80::1%eth0":             "",
-		"2001:db8::1%eth0":         "JP", // the zone does not matter
-		"0.0.0.0":                  "",
-		"255.255.255.255":          "",
-		"2001:db8:ffff:ffff::ff":   "JP",
-		"::ffff:198.51.100.254":    "BR",
-		"198.51.100.255":           "BR",
-		"192.0.1.255":              "",
-		"2001:db7:ffff:ffff::ffff": "",
+		"81.2.69.55":                "FR",
+		"::ffff:81.2.69.55":         "FR", // IPv4-mapped IPv6 is looked up as IPv4
+		"89.160.20.1":               "BR",
+		"2a02:cf40:1234::1":         "JP",
+		"175.16.199.9":              "", // not in the database
+		"2a02:cf41::1":              "",
+		"::ffff:175.16.199.9":       "",
+		"fe80::1%eth0":              "",
+		"2a02:cf40::1%eth0":         "JP", // the zone does not matter
+		"0.0.0.0":                   "",
+		"255.255.255.255":           "",
+		"2a02:cf40:ffff:ffff::ff":   "JP",
+		"::ffff:89.160.20.254":      "BR",
+		"89.160.20.255":             "BR",
+		"81.2.68.255":               "",
+		"2a02:cf3f:ffff:ffff::ffff": "",
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -134,12 +134,12 @@ func TestGeoFormats(t *testing.T) {
 
 func TestGeoMaxMindFallsBackToRegisteredCountry(t *testing.T) {
 	g, err := OpenGeo(writeFile(t, mmdb(t, "GeoLite2-Country", map[string]mmdbtype.Map{
-		"192.0.2.0/24": maxmindRecord("", "US"), // anycast: no country, a registered one
+		"81.2.69.0/24": maxmindRecord("", "US"), // anycast: no country, a registered one
 	})))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := g.Country(netip.MustParseAddr("192.0.2.1")); got != "US" {
+	if got := g.Country(netip.MustParseAddr("81.2.69.1")); got != "US" {
 		t.Errorf("Country = %q, want the registered country US", got)
 	}
 }
@@ -151,10 +151,10 @@ func TestGeoRejectsDatabasesWithoutCountries(t *testing.T) {
 		wantMsg string
 	}{
 		{"maxmind ASN", mmdb(t, "GeoLite2-ASN", map[string]mmdbtype.Map{
-			"192.0.2.0/24": {"autonomous_system_number": mmdbtype.Uint32(64500)},
+			"81.2.69.0/24": {"autonomous_system_number": mmdbtype.Uint32(64500)},
 		}), "no country data"},
 		{"unknown records", mmdb(t, "asn ipvAll", map[string]mmdbtype.Map{
-			"192.0.2.0/24": {"asn": mmdbtype.Uint32(64500)},
+			"81.2.69.0/24": {"asn": mmdbtype.Uint32(64500)},
 		}), "neither country.iso_code nor country_code"},
 		{"not an mmdb", []byte("hello, world"), "invalid MaxMind DB"},
 	}
@@ -210,7 +210,7 @@ func TestEmbeddedGeo(t *testing.T) {
 func TestGeoSourceFollowsTheFile(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "geo.mmdb")
-	addr := netip.MustParseAddr("192.0.2.1")
+	addr := netip.MustParseAddr("81.2.69.1")
 	install := func(data []byte) {
 		tmp := filepath.Join(dir, "next.mmdb")
 		if err := os.WriteFile(tmp, data, 0o644); err != nil {
@@ -220,7 +220,7 @@ func TestGeoSourceFollowsTheFile(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	install(mmdb(t, "GeoLite2-Country", map[string]mmdbtype.Map{"192.0.2.0/24": maxmindRecord("FR", "FR")}))
+	install(mmdb(t, "GeoLite2-Country", map[string]mmdbtype.Map{"81.2.69.0/24": maxmindRecord("FR", "FR")}))
 
 	src, err := NewGeoSource(path)
 	if err != nil {
@@ -241,14 +241,14 @@ func TestGeoSourceFollowsTheFile(t *testing.T) {
 		wantCountry string
 	}{
 		{"replaced by rename, other format", func() {
-			install(mmdb(t, "country ipvAll", map[string]mmdbtype.Map{"192.0.2.0/24": ipLocationDBRecord("DE")}))
+			install(mmdb(t, "country ipvAll", map[string]mmdbtype.Map{"81.2.69.0/24": ipLocationDBRecord("DE")}))
 		}, true, false, "DE"},
 		{"unchanged", func() {}, false, false, "DE"},
 		{"replaced by a broken file", func() { install([]byte("not an mmdb")) }, false, true, "DE"},
 		{"broken file reported once", func() {}, false, false, "DE"},
 		{"removed", func() { os.Remove(path) }, false, true, "DE"},
 		{"overwritten in place", func() {
-			data := mmdb(t, "GeoLite2-City", map[string]mmdbtype.Map{"192.0.2.0/24": maxmindRecord("BR", "BR")})
+			data := mmdb(t, "GeoLite2-City", map[string]mmdbtype.Map{"81.2.69.0/24": maxmindRecord("BR", "BR")})
 			if err := os.WriteFile(path, data, 0o644); err != nil {
 				t.Fatal(err)
 			}
@@ -276,5 +276,102 @@ func TestGeoSourceEmbeddedNeverChanges(t *testing.T) {
 	}
 	if _, err := NewGeoSource(filepath.Join(t.TempDir(), "missing.mmdb")); err == nil {
 		t.Error("NewGeoSource succeeded on a missing file")
+	}
+}
+
+// TestGeoSpecialRangesHaveNoCountry maps every special-purpose range to a
+// country in a database of its own, as a database built from registry data
+// may, and expects no country for any of them; a public neighbour keeps its.
+func TestGeoSpecialRangesHaveNoCountry(t *testing.T) {
+	records := map[string]mmdbtype.Map{"81.2.69.0/24": maxmindRecord("FR", "FR")}
+	for _, p := range noCountry {
+		records[p.String()] = maxmindRecord("AU", "AU")
+	}
+	g, err := OpenGeo(writeFile(t, mmdb(t, "GeoLite2-Country", records)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	tests := []struct {
+		name, addr, want string
+	}{
+		{"RFC 1918 ten", "10.1.2.3", ""},
+		{"RFC 1918 one-seven-two", "172.31.255.255", ""},
+		{"RFC 1918 one-nine-two", "192.168.1.1", ""},
+		{"RFC 1918 written IPv4-mapped", "::ffff:192.168.1.1", ""},
+		{"carrier-grade NAT", "100.64.0.1", ""},
+		{"loopback", "127.0.0.1", ""},
+		{"this network", "0.1.2.3", ""},
+		{"IPv4 link-local", "169.254.10.1", ""},
+		{"IETF protocol assignments", "192.0.0.8", ""},
+		{"documentation TEST-NET-1", "192.0.2.1", ""},
+		{"benchmarking", "198.19.0.1", ""},
+		{"documentation TEST-NET-2", "198.51.100.7", ""},
+		{"documentation TEST-NET-3", "203.0.113.9", ""},
+		{"IPv4 multicast", "239.1.2.3", ""},
+		{"reserved class E", "250.0.0.1", ""},
+		{"broadcast", "255.255.255.255", ""},
+		{"IPv6 loopback", "::1", ""},
+		{"IPv6 unspecified", "::", ""},
+		{"IPv6 documentation", "2001:db8::1", ""},
+		{"unique local", "fd12:3456::1", ""},
+		{"IPv6 link-local with a zone", "fe80::1%eth0", ""},
+		{"IPv6 multicast", "ff02::1", ""},
+		{"local-use translation prefix", "64:ff9b:1::a", ""},
+		{"public neighbour keeps its country", "81.2.69.1", "FR"},
+		{"public neighbour IPv4-mapped keeps its country", "::ffff:81.2.69.1", "FR"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := g.Country(netip.MustParseAddr(tc.addr)); got != tc.want {
+				t.Errorf("Country(%s) = %q, want %q", tc.addr, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestEmbeddedGeoSpecialRangesHaveNoCountry pins the two lookups the
+// embedded database gets wrong by itself (it maps 192.168.1.1 to AU and
+// 2001:db8::1 to JP), which sent LAN and test clients abroad.
+func TestEmbeddedGeoSpecialRangesHaveNoCountry(t *testing.T) {
+	g, err := OpenGeo("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	tests := []struct {
+		name, addr, want string
+	}{
+		{"private LAN address", "192.168.1.1", ""},
+		{"IPv6 documentation address", "2001:db8::1", ""},
+		{"public resolver keeps its country", "8.8.8.8", "US"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := g.Country(netip.MustParseAddr(tc.addr)); got != tc.want {
+				t.Errorf("Country(%s) = %q, want %q", tc.addr, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestGeoDescribeNamesTheFile(t *testing.T) {
+	path := writeFile(t, mmdb(t, "GeoLite2-Country", testRecords(func(c string) mmdbtype.Map { return maxmindRecord(c, c) })))
+	tests := []struct {
+		name, path, want string
+	}{
+		{"a file names its path and kind", path, path + " (maxmind GeoLite2-Country)"},
+		{"the embedded one says so", "", "embedded (geo-whois-asn-country " + EmbeddedGeoVersion() + ")"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			src, err := NewGeoSource(tc.path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := src.Describe(); got != tc.want {
+				t.Errorf("Describe() = %q, want %q", got, tc.want)
+			}
+		})
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
@@ -22,6 +23,30 @@ type RowError struct{ Table, ID, Column, Value, Reason string }
 
 func (e RowError) Error() string {
 	return fmt.Sprintf("%s row %q: column %s: value %q: %s", e.Table, e.ID, e.Column, e.Value, e.Reason)
+}
+
+// MaxIDLen is the longest row id, in bytes. The BPF maps keep ids in a
+// 48-byte NUL-terminated field, so a longer id would be cut there and the
+// two data planes would disagree about which backend a client is bound to.
+const MaxIDLen = 47
+
+// LoadOptions carry what routing cannot know by itself: it has no sockets,
+// so facts about the host come from the caller. The zero value checks
+// nothing host-specific.
+type LoadOptions struct {
+	// IsSelf reports whether a backend address is this proxy's own listen
+	// address; such a row would make the proxy dial itself until its
+	// descriptors run out, so it is skipped. Nil: no row is.
+	IsSelf func(netip.AddrPort) bool
+	// HostAddrs lists this host's own addresses. A pops row whose
+	// allowed_ips covers one is skipped: the overlay would route this
+	// host's own traffic into the tunnel. Nil: no such check. It is called
+	// once per load.
+	HostAddrs func() []netip.Addr
+	// PopID is this POP's id in the pops table. Its own row is not a peer
+	// and its allowed_ips hold this host's overlay address by design, so
+	// HostAddrs does not apply to it.
+	PopID string
 }
 
 // loadTimeout bounds one read of routing.db, busy waits included, so a
@@ -48,6 +73,13 @@ const loadTimeout = 10 * time.Second
 // A missing file, a file that is not SQLite, or a database with no backends
 // table is an error. The file is never created or written.
 func LoadTable(path string) (*Table, []RowError, error) {
+	return LoadTableWith(path, LoadOptions{})
+}
+
+// LoadTableWith is LoadTable with the host-specific checks of opts. The
+// pops table, when present, is read in the same transaction into
+// Table.Pops (see LoadPops for its rules); its absence is not an error.
+func LoadTableWith(path string, opts LoadOptions) (*Table, []RowError, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
 	defer cancel()
 	db, err := OpenReadOnly(path)
@@ -55,7 +87,7 @@ func LoadTable(path string) (*Table, []RowError, error) {
 		return nil, nil, err
 	}
 	defer db.Close()
-	return loadTable(ctx, db, path)
+	return loadTable(ctx, db, path, opts)
 }
 
 // sqliteDriver is modernc.org/sqlite's database/sql driver name.
@@ -100,7 +132,13 @@ var backendColumns = []string{
 
 const optionalBackendColumn = "country"
 
-func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError, error) {
+func loadTable(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (*Table, []RowError, error) {
+	// Asked before the transaction opens, so a slow answer holds no
+	// read lock on routing.db.
+	var hostAddrs []netip.Addr
+	if opts.HostAddrs != nil {
+		hostAddrs = opts.HostAddrs()
+	}
 	tx, err := db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
 		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
@@ -146,7 +184,7 @@ func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError
 			rows.Close()
 			return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
 		}
-		b, isDeleted, errs := parseBackend(vals)
+		b, isDeleted, errs := parseBackend(vals, opts.IsSelf)
 		switch {
 		case len(errs) > 0:
 			rowErrs = append(rowErrs, errs...)
@@ -169,7 +207,13 @@ func loadTable(ctx context.Context, db *sql.DB, path string) (*Table, []RowError
 	}
 	rowErrs = append(rowErrs, regionErrs...)
 
-	t, err := NewTable(backends, deleted, overrides)
+	pops, popErrs, err := readPops(ctx, tx, opts.PopID, hostAddrs)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+	}
+	rowErrs = append(rowErrs, popErrs...)
+
+	t, err := newTable(backends, deleted, overrides, pops)
 	if err != nil {
 		// dropDuplicates and parseBackend leave nothing NewTable refuses.
 		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
@@ -203,13 +247,13 @@ func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`)
 // is reported, not just the first, so one pass over the errors fixes the row.
 // A deleted row is only checked for its id: it routes nothing, so its other
 // columns may be stale.
-func parseBackend(vals []any) (b Backend, isDeleted bool, errs []RowError) {
+func parseBackend(vals []any, isSelf func(netip.AddrPort) bool) (b Backend, isDeleted bool, errs []RowError) {
 	b.ID = text(vals[0])
 	bad := func(col string, v any, reason string) {
 		errs = append(errs, RowError{Table: "backends", ID: b.ID, Column: col, Value: valueText(v), Reason: reason})
 	}
-	if strings.TrimSpace(b.ID) == "" {
-		bad("id", vals[0], "must not be empty")
+	if reason := checkID(b.ID); reason != "" {
+		bad("id", vals[0], reason)
 		return b, false, errs
 	}
 	del, ok := truth(vals[10])
@@ -225,15 +269,24 @@ func parseBackend(vals []any) (b Backend, isDeleted bool, errs []RowError) {
 	b.Region = text(vals[2])
 	b.Country = text(vals[3])
 
-	if addr, err := netip.ParseAddr(strings.TrimSpace(text(vals[4]))); err != nil {
+	addr, err := netip.ParseAddr(strings.TrimSpace(text(vals[4])))
+	switch {
+	case err != nil:
 		bad("wg_ip", vals[4], "must be an IP address")
-	} else {
+	default:
 		b.Addr = addr.Unmap()
+		if reason := checkBackendAddr(b.Addr); reason != "" {
+			bad("wg_ip", vals[4], reason)
+		}
 	}
+	portOK := false
 	if port, ok := integer(vals[5]); !ok || port < 1 || port > math.MaxUint16 {
 		bad("port", vals[5], "must be 1-65535")
 	} else {
-		b.Port = uint16(port)
+		b.Port, portOK = uint16(port), true
+	}
+	if isSelf != nil && len(errs) == 0 && portOK && isSelf(b.AddrPort()) {
+		bad("wg_ip", vals[4], fmt.Sprintf("%s is this proxy's own listen address", b.AddrPort()))
 	}
 	if vals[6] != nil {
 		if b.Healthy, ok = truth(vals[6]); !ok {
@@ -260,6 +313,43 @@ func parseBackend(vals []any) (b Backend, isDeleted bool, errs []RowError) {
 		bad("soft_limit", vals[8], fmt.Sprintf("must not exceed hard_limit %d", b.HardLimit))
 	}
 	return b, false, errs
+}
+
+// checkID is the rule for every row id (backends and pops): the id names
+// the row in logs, metrics labels and the BPF maps, so it must be text those
+// can all carry whole. It returns why id is refused, or "".
+func checkID(id string) string {
+	switch {
+	case strings.TrimSpace(id) == "":
+		return "must not be empty"
+	case !utf8.ValidString(id):
+		return "must be valid UTF-8"
+	case strings.IndexByte(id, 0) >= 0:
+		// The BPF maps end the id at the first NUL: two ids sharing a
+		// prefix would collide there.
+		return "must not contain a NUL byte"
+	case len(id) > MaxIDLen:
+		return fmt.Sprintf("is %d bytes long, at most %d fit the BPF maps' id field", len(id), MaxIDLen)
+	}
+	return ""
+}
+
+// checkBackendAddr refuses addresses no connection can be dialled to. It
+// returns why, or "". addr is already unmapped.
+func checkBackendAddr(addr netip.Addr) string {
+	switch {
+	case addr.IsUnspecified():
+		return "must not be unspecified: " + addr.String() + " means any address, not a backend"
+	case addr.IsMulticast():
+		return "must not be a multicast address: TCP cannot connect to a group"
+	case addr == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return "must not be the broadcast address"
+	case addr.Is6() && addr.IsLinkLocalUnicast() && addr.Zone() == "":
+		// fe80::/10 exists on every interface; without a zone the kernel
+		// cannot tell which link to dial on.
+		return "a link-local address needs a zone naming its interface, e.g. " + addr.String() + "%eth0"
+	}
+	return ""
 }
 
 // dropDuplicates skips every row of an id that appears more than once: with

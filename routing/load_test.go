@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -177,6 +178,34 @@ func TestLoadSkipsInvalidRows(t *testing.T) {
 			RowError{"backends", "bad", "healthy", "yes", "must be an integer"}, contractSchema},
 		{"deleted not a number", `'bad', 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 'maybe'`,
 			RowError{"backends", "bad", "deleted", "maybe", "must be an integer"}, contractSchema},
+		{"deleted a fraction", `'bad', 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 0.5`,
+			RowError{"backends", "bad", "deleted", "0.5", "must be an integer"}, contractSchema},
+		{"id not valid UTF-8", `CAST(X'6261FF' AS TEXT), 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "ba\xff", "id", "ba\xff", "must be valid UTF-8"}, contractSchema},
+		{"id not valid UTF-8 on a deleted row", `CAST(X'6261FF' AS TEXT), 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 1`,
+			RowError{"backends", "ba\xff", "id", "ba\xff", "must be valid UTF-8"}, contractSchema},
+		{"id with a NUL byte", `CAST(X'610062' AS TEXT), 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "a\x00b", "id", "a\x00b", "must not contain a NUL byte"}, contractSchema},
+		{"id longer than the BPF id field", `'` + strings.Repeat("x", MaxIDLen+1) + `', 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", strings.Repeat("x", MaxIDLen+1), "id", strings.Repeat("x", MaxIDLen+1), "is 48 bytes long, at most 47 fit the BPF maps' id field"}, contractSchema},
+		{"id of 47 bytes in 24 characters", `'` + strings.Repeat("é", 23) + `x', 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 0`,
+			RowError{}, contractSchema},
+		{"id of 48 bytes in 24 characters", `'` + strings.Repeat("é", 24) + `', 'a', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", strings.Repeat("é", 24), "id", strings.Repeat("é", 24), "is 48 bytes long, at most 47 fit the BPF maps' id field"}, contractSchema},
+		{"wg_ip unspecified IPv4", `'bad', 'a', 'sa', 'BR', '0.0.0.0', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "0.0.0.0", "must not be unspecified: 0.0.0.0 means any address, not a backend"}, contractSchema},
+		{"wg_ip unspecified IPv6", `'bad', 'a', 'sa', 'BR', '::', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "::", "must not be unspecified: :: means any address, not a backend"}, contractSchema},
+		{"wg_ip unspecified IPv4-mapped", `'bad', 'a', 'sa', 'BR', '::ffff:0.0.0.0', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "::ffff:0.0.0.0", "must not be unspecified: 0.0.0.0 means any address, not a backend"}, contractSchema},
+		{"wg_ip IPv4 multicast", `'bad', 'a', 'sa', 'BR', '224.0.0.1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "224.0.0.1", "must not be a multicast address: TCP cannot connect to a group"}, contractSchema},
+		{"wg_ip IPv6 multicast", `'bad', 'a', 'sa', 'BR', 'ff02::1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "ff02::1", "must not be a multicast address: TCP cannot connect to a group"}, contractSchema},
+		{"wg_ip broadcast", `'bad', 'a', 'sa', 'BR', '255.255.255.255', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "255.255.255.255", "must not be the broadcast address"}, contractSchema},
+		{"wg_ip link-local without a zone", `'bad', 'a', 'sa', 'BR', 'fe80::1', 80, 1, 1, 10, 20, 0`,
+			RowError{"backends", "bad", "wg_ip", "fe80::1", "a link-local address needs a zone naming its interface, e.g. fe80::1%eth0"}, contractSchema},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -184,14 +213,21 @@ func TestLoadSkipsInvalidRows(t *testing.T) {
 				`INSERT INTO backends VALUES ('good', 'a', 'sa', 'BR', '10.0.0.2', 80, 1, 1, 10, 20, 0)`,
 				`INSERT INTO backends VALUES (`+tc.row+`)`)
 			tbl, rowErrs := mustLoad(t, path)
+			if tc.want == (RowError{}) {
+				// A case at the edge of a rule: the row loads.
+				if len(rowErrs) != 0 || len(tbl.Backends) != 2 {
+					t.Fatalf("loaded %q, row errors %v; want both rows", ids(tbl), rowErrs)
+				}
+				return
+			}
 			if !slices.Equal(ids(tbl), []string{"good"}) {
-				t.Errorf("loaded %v, want only [good]", ids(tbl))
+				t.Errorf("loaded %q, want only [good]", ids(tbl))
 			}
 			if len(rowErrs) != 1 || rowErrs[0] != tc.want {
 				t.Fatalf("row errors = %#v, want [%#v]", rowErrs, tc.want)
 			}
 			msg := rowErrs[0].Error()
-			for _, part := range []string{tc.want.Column, tc.want.Value, tc.want.Reason} {
+			for _, part := range []string{tc.want.Column, strconv.Quote(tc.want.Value), tc.want.Reason} {
 				if !strings.Contains(msg, part) {
 					t.Errorf("message %q does not name %q", msg, part)
 				}

@@ -19,6 +19,7 @@ const DefaultPoll = 250 * time.Millisecond
 // changes. Current never blocks and never sees a half-built table.
 type Store struct {
 	path string
+	opts LoadOptions
 	snap atomic.Pointer[snapshot]
 	// reloading serializes reloads, so a SIGHUP Reload and Watch never race
 	// to publish an older table over a newer one.
@@ -41,12 +42,18 @@ type ReloadResult struct {
 
 // OpenStore loads path; unlike a reload, a failed first load is an error,
 // since there is no older snapshot to keep serving.
-func OpenStore(path string) (*Store, error) {
-	t, rowErrs, err := LoadTable(path)
+func OpenStore(path string) (*Store, error) { return OpenStoreWith(path, LoadOptions{}) }
+
+// OpenStoreWith is OpenStore whose every load, the first and each reload,
+// applies opts (LoadTableWith). The snapshot carries the pops table too, so
+// a change to pops alone publishes a new table (ReloadResult.Changed) and
+// one watcher serves the routing and the overlay.
+func OpenStoreWith(path string, opts LoadOptions) (*Store, error) {
+	t, rowErrs, err := LoadTableWith(path, opts)
 	if err != nil {
 		return nil, err
 	}
-	s := &Store{path: path}
+	s := &Store{path: path, opts: opts}
 	s.snap.Store(&snapshot{table: t, rowErrs: rowErrs})
 	return s, nil
 }
@@ -70,7 +77,7 @@ func (s *Store) Reload() ReloadResult {
 	defer s.reloading.Unlock()
 
 	old := s.snap.Load()
-	t, rowErrs, err := LoadTable(s.path)
+	t, rowErrs, err := LoadTableWith(s.path, s.opts)
 	if err != nil {
 		return ReloadResult{Table: old.table, Err: fmt.Errorf("reload: %w", err)}
 	}

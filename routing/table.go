@@ -35,7 +35,12 @@ type Table struct {
 	Backends []Backend         // sorted by ID (byte order); rows with deleted=1 are not included
 	Deleted  []string          // ids of rows with deleted=1, sorted, for explanations
 	Regions  map[string]string // upper-case country -> region: built-in map overlaid by the regions table
-	Version  uint64            // hash of the content above: equal tables have equal versions
+	// Pops are the valid, not deleted rows of the pops table (the
+	// WireGuard overlay), sorted by ID; nil without a pops table. They are
+	// read with the backends in one transaction, so one change watcher
+	// drives both the routing and the overlay.
+	Pops    []Pop
+	Version uint64 // hash of the content above: equal tables have equal versions
 	// LoadedAt is when this content was read. A reload that finds the same
 	// content keeps the older snapshot, so it is when the content was first
 	// seen.
@@ -114,6 +119,17 @@ func (t *Table) Index(id string) int {
 // (country -> region) on the built-in map, and computes Version. Tests and
 // tools use it to route without a database.
 func NewTable(backends []Backend, deleted []string, regionOverrides map[string]string) (*Table, error) {
+	return newTable(backends, deleted, regionOverrides, nil)
+}
+
+// NewTableWithPops is NewTable for a table that also carries the overlay's
+// pops, already valid (LoadPops's rules are not applied again). Pops are
+// copied and sorted by ID.
+func NewTableWithPops(backends []Backend, deleted []string, regionOverrides map[string]string, pops []Pop) (*Table, error) {
+	return newTable(backends, deleted, regionOverrides, pops)
+}
+
+func newTable(backends []Backend, deleted []string, regionOverrides map[string]string, pops []Pop) (*Table, error) {
 	bs := slices.Clone(backends)
 	for i := range bs {
 		bs[i].Country = normalizeCountry(bs[i].Country)
@@ -138,10 +154,21 @@ func NewTable(backends []Backend, deleted []string, regionOverrides map[string]s
 		regions[normalizeCountry(c)] = normalizeRegion(r)
 	}
 
+	ps := make([]Pop, len(pops))
+	for i, p := range pops {
+		p.AllowedIPs = slices.Clone(p.AllowedIPs)
+		ps[i] = p
+	}
+	slices.SortStableFunc(ps, func(a, b Pop) int { return cmp.Compare(a.ID, b.ID) })
+	if len(ps) == 0 {
+		ps = nil
+	}
+
 	t := &Table{
 		Backends: bs,
 		Deleted:  del,
 		Regions:  regions,
+		Pops:     ps,
 		LoadedAt: time.Now(),
 	}
 	t.Version = t.contentHash()
@@ -180,7 +207,7 @@ func (t *Table) contentHash() uint64 {
 		writeString(b.App)
 		writeString(b.Region)
 		writeString(b.Country)
-		writeString(b.Addr.String())
+		writeString(b.Addr.String()) // with its zone: fe80::1%eth0 and %eth1 are different backends
 		writeInt(int64(b.Port))
 		writeBool(b.Healthy)
 		writeInt(int64(b.Weight))
@@ -196,6 +223,23 @@ func (t *Table) contentHash() uint64 {
 	for _, c := range countries {
 		writeString(c)
 		writeString(t.Regions[c])
+	}
+	// No pops: nothing written, so a table without an overlay keeps the
+	// version earlier releases gave it.
+	if len(t.Pops) == 0 {
+		return binary.BigEndian.Uint64(h.Sum(nil))
+	}
+	writeInt(int64(len(t.Pops)))
+	for _, p := range t.Pops {
+		writeString(p.ID)
+		writeString(p.Region)
+		h.Write(p.PublicKey[:])
+		writeString(p.Endpoint)
+		writeString(p.WGIP.String())
+		writeInt(int64(len(p.AllowedIPs)))
+		for _, a := range p.AllowedIPs {
+			writeString(a.String())
+		}
 	}
 	return binary.BigEndian.Uint64(h.Sum(nil))
 }

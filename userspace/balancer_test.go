@@ -445,3 +445,25 @@ func TestLocalExhaustionIsNotABackendFault(t *testing.T) {
 		})
 	}
 }
+
+func TestSelfCheckFindsTheProxysOwnListener(t *testing.T) {
+	cases := []struct {
+		name, listen, backend string
+		want                  bool
+	}{
+		{"loopback on the port of a wildcard listener", "0.0.0.0:8080", "127.0.0.1:8080", true},
+		{"IPv6 loopback on the port of a wildcard listener", "[::]:8080", "[::1]:8080", true},
+		{"another port", "0.0.0.0:8080", "127.0.0.1:8081", false},
+		{"the bound address itself", "10.1.2.3:443", "10.1.2.3:443", true},
+		{"another address of a bound listener", "10.1.2.3:443", "127.0.0.1:443", false},
+		{"a remote backend on the same port", "0.0.0.0:8080", "198.51.100.7:8080", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			self := SelfCheck(tc.listen)
+			if got := self(netip.MustParseAddrPort(tc.backend)); got != tc.want {
+				t.Fatalf("SelfCheck(%s)(%s) = %v, want %v", tc.listen, tc.backend, got, tc.want)
+			}
+		})
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"syscall"
 	"time"
@@ -42,6 +43,9 @@ type Config struct {
 	IdleTimeout    time.Duration // EDGEPROXY_IDLE_TIMEOUT_SECS; 0: off
 	MaxBufferedMB  int           // EDGEPROXY_MAX_BUFFERED_MB
 	StallTimeout   time.Duration // EDGEPROXY_STALL_TIMEOUT_SECS; 0: off
+	// LoadOptions are how routing.db is read (the overlay's host
+	// addresses and POP id); New adds the listen-address check.
+	LoadOptions routing.LoadOptions
 	// OnTable, if set, is called with every routing table published
 	// (the first included), from the reload goroutine: the overlay
 	// follows the pops table through it.
@@ -78,7 +82,9 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	default:
 		return nil, fmt.Errorf("data plane %q: must be auto, sockmap or splice", cfg.Dataplane)
 	}
-	store, err := routing.OpenStore(cfg.DBPath)
+	opts := cfg.LoadOptions
+	opts.IsSelf = SelfCheck(cfg.ListenAddr)
+	store, err := routing.OpenStoreWith(cfg.DBPath, opts)
 	if err != nil {
 		return nil, fmt.Errorf("open routing database: %w", err)
 	}
@@ -124,9 +130,18 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		}
 		return nil, err
 	}
+	adminConns := 0
+	if p.adminLn != nil {
+		adminConns = defaultAdminLimits.MaxConns
+	}
+	fileCap := maxConnsForFileLimit(p.plane.Name(), cfg.Health.Workers, adminConns)
 	p.admission.maxConns = int64(cfg.MaxConns)
-	if cfg.MaxConns == 0 {
-		p.admission.maxConns = maxConnsForFileLimit(p.plane.Name(), cfg.Health.Workers)
+	switch {
+	case cfg.MaxConns == 0:
+		p.admission.maxConns = fileCap
+	case fileCap > 0 && int64(cfg.MaxConns) > fileCap:
+		log.Warn("EDGEPROXY_MAX_CONNS is above what the open-file limit holds: descriptors may run out first",
+			"max_conns", cfg.MaxConns, "open_file_limit_holds", fileCap)
 	}
 	if p.adminLn != nil {
 		p.admin = p.newAdminServer()
@@ -134,16 +149,61 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	return p, nil
 }
 
+// SelfCheck reports whether a backend address is this proxy's own
+// listener, which it would dial until descriptors run out. With an
+// unspecified listen address every local address on the listen port is
+// the proxy itself.
+func SelfCheck(listen string) func(netip.AddrPort) bool {
+	host, portText, err := net.SplitHostPort(listen)
+	if err != nil {
+		return nil
+	}
+	port, err := net.LookupPort("tcp", portText)
+	if err != nil {
+		return nil
+	}
+	var bound netip.Addr
+	if host != "" {
+		if bound, err = netip.ParseAddr(host); err != nil {
+			return nil // a name: Listen resolves it, and so would we
+		}
+		bound = bound.Unmap()
+	}
+	return func(ap netip.AddrPort) bool {
+		if int(ap.Port()) != port {
+			return false
+		}
+		a := ap.Addr().Unmap().WithZone("")
+		if bound.IsValid() && !bound.IsUnspecified() {
+			return a == bound
+		}
+		if a.IsLoopback() {
+			return true
+		}
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			return false
+		}
+		for _, ia := range addrs {
+			if pfx, err := netip.ParsePrefix(ia.String()); err == nil && pfx.Addr().Unmap().WithZone("") == a {
+				return true
+			}
+		}
+		return false
+	}
+}
+
 // clientsTracked bounds the per-address rate buckets kept in memory.
 const clientsTracked = 1 << 16
 
 // maxConnsForFileLimit is EDGEPROXY_MAX_CONNS's default: as many
-// connections as the open-file limit holds, after a reserve for the
-// listeners, admin connections, BPF objects and health probes, so that
-// the cap refuses a client before descriptors run out. A connection holds
-// 2 descriptors on the sockmap plane, 6 on the splice plane (2 sockets and
-// the 2 pipes of its splices).
-func maxConnsForFileLimit(plane string, healthWorkers int) int64 {
+// connections as the open-file limit holds after a reserve, so that the cap
+// refuses a client before descriptors run out. The reserve is what the
+// process holds already (listeners, BPF objects, the database watcher),
+// what the admin server may hold at most, one per health probe in flight,
+// and a margin. A connection holds 2 descriptors on the sockmap plane, 6
+// on the splice plane (2 sockets and the 2 pipes of its splices).
+func maxConnsForFileLimit(plane string, healthWorkers, adminConns int) int64 {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == ^uint64(0) {
 		return 0
@@ -152,11 +212,24 @@ func maxConnsForFileLimit(plane string, healthWorkers int) int64 {
 	if plane == "splice" {
 		perConn = 6
 	}
-	reserve := uint64(64 + 2*healthWorkers)
-	if lim.Cur <= reserve+perConn {
+	reserve := uint64(openFiles() + adminConns + healthWorkers + fileMargin)
+	if lim.Cur < reserve+perConn {
 		return 1
 	}
 	return int64((lim.Cur - reserve) / perConn)
+}
+
+// fileMargin covers descriptors opened briefly: a routing.db reload, a geo
+// database refresh, a client accepted only to be refused.
+const fileMargin = 16
+
+// openFiles counts this process's open descriptors.
+func openFiles() int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return 64 // not Linux or no /proc: assume a typical start
+	}
+	return len(entries)
 }
 
 // choosePlane loads the BPF state where BPF is usable (it also holds the
@@ -207,7 +280,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	p.log.Info("edgeproxy started",
 		"listen", p.ln.Addr().String(), "region", p.cfg.Region,
 		"dataplane", p.plane.Name(), "reason", p.DataplaneReason,
-		"db", p.cfg.DBPath, "geoip", p.geo.Current().Kind(),
+		"db", p.cfg.DBPath, "geoip", p.geo.Describe(),
 		"backends", len(p.store.Current().Backends), "admin", p.cfg.AdminAddr,
 		"max_conns", p.admission.maxConns, "health_interval", p.cfg.Health.Interval)
 	accept, stopAccepting := context.WithCancel(context.Background())
@@ -225,6 +298,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	}
 	if p.cfg.OnTable != nil {
 		p.cfg.OnTable(p.store.Current())
+		go p.reapplyTable(stop)
 	}
 	go p.store.Watch(stop, routing.DefaultPoll, p.cfg.DBReload, p.onReload)
 	go p.balancer.runHealthChecks(stop, p.cfg.Health, tcpProbe)
@@ -318,6 +392,25 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 		p.cfg.OnTable(r.Table)
 	}
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
+}
+
+// reapplyTable hands the current table to OnTable every reload interval
+// even when nothing changed, so state outside the proxy that drifted (a
+// WireGuard route an operator removed by hand) is put back.
+func (p *Proxy) reapplyTable(ctx context.Context) {
+	if p.cfg.DBReload <= 0 {
+		return
+	}
+	t := time.NewTicker(p.cfg.DBReload)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			p.cfg.OnTable(p.store.Current())
+		}
+	}
 }
 
 func (p *Proxy) sweepBindings(ctx context.Context) {

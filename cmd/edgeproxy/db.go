@@ -1,30 +1,16 @@
 package main
 
 import (
+	"context"
 	"database/sql"
 	"errors"
 	"fmt"
 	"os"
 
+	"github.com/edgeproxy/edgeproxy/routing"
 	"github.com/spf13/cobra"
 	_ "modernc.org/sqlite"
 )
-
-const backendsSchema = `CREATE TABLE IF NOT EXISTS backends (
-    id TEXT PRIMARY KEY, app TEXT, region TEXT, country TEXT,
-    wg_ip TEXT, port INTEGER, healthy INTEGER, weight INTEGER,
-    soft_limit INTEGER, hard_limit INTEGER, deleted INTEGER DEFAULT 0
-)`
-
-const regionsSchema = `CREATE TABLE IF NOT EXISTS regions (
-    country TEXT PRIMARY KEY, region TEXT NOT NULL
-)`
-
-const popsSchema = `CREATE TABLE IF NOT EXISTS pops (
-    id TEXT PRIMARY KEY, region TEXT, wg_public_key TEXT NOT NULL,
-    endpoint TEXT, wg_ip TEXT NOT NULL, allowed_ips TEXT NOT NULL,
-    deleted INTEGER DEFAULT 0
-)`
 
 // sampleBackends are the demo's three echo backends on loopback.
 var sampleBackends = []struct {
@@ -84,10 +70,9 @@ func initDB(path string, sample bool) (int, error) {
 		return 0, fmt.Errorf("open %s: %w", path, err)
 	}
 	defer db.Close()
-	for _, stmt := range []string{backendsSchema, regionsSchema, popsSchema} {
-		if _, err := db.Exec(stmt); err != nil {
-			return 0, fmt.Errorf("create schema in %s: %w", path, err)
-		}
+	// The schema lives beside its reader, in routing.
+	if err := routing.InitSchema(context.Background(), db); err != nil {
+		return 0, fmt.Errorf("routing database %s: %w", path, err)
 	}
 	if !sample {
 		return 0, nil

@@ -50,7 +50,10 @@ func newRouteCommand(e env) *cobra.Command {
 				return fmt.Errorf("client address %q: %w", args[0], err)
 			}
 			addr = addr.Unmap()
-			table, rowErrs, err := routing.LoadTable(dbPath)
+			// Rows pointing at the proxy's own listener are skipped as
+			// `run` skips them.
+			self := userspace.SelfCheck(e.str("EDGEPROXY_LISTEN_ADDR", "0.0.0.0:8080"))
+			table, rowErrs, err := routing.LoadTableWith(dbPath, routing.LoadOptions{IsSelf: self})
 			if err != nil {
 				return err
 			}
@@ -60,9 +63,6 @@ func newRouteCommand(e env) *cobra.Command {
 			}
 			defer geo.Close()
 			out := cmd.OutOrStdout()
-			for _, re := range rowErrs {
-				fmt.Fprintf(out, "skipped: %s\n", re.Error())
-			}
 			client := routing.Client{Addr: addr, Country: geo.Country(addr)}
 			if client.Country != "" {
 				client.Region = table.RegionOf(client.Country)
@@ -73,7 +73,8 @@ func newRouteCommand(e env) *cobra.Command {
 				LocalRegion: region,
 				Active:      func(i int) int { return active[table.Backends[i].ID] },
 			}, table)
-			printDecision(out, d, table, geo.Kind(), source)
+			printDecision(out, d, table, geo.Describe(), source)
+			printSkipped(out, rowErrs)
 			return nil
 		},
 	}
@@ -108,12 +109,12 @@ func liveCounts(admin string) (map[string]int, string) {
 	return counts, "live, from the proxy at " + admin
 }
 
-func printDecision(w io.Writer, d routing.Decision, t *routing.Table, geoKind, countsFrom string) {
+func printDecision(w io.Writer, d routing.Decision, t *routing.Table, geoDB, countsFrom string) {
 	country, region := d.Client.Country, d.Client.Region
 	if country == "" {
 		country, region = "unknown", "unknown (local POP rule)"
 	}
-	fmt.Fprintf(w, "client %s: country %s, region %s (geo database: %s)\n", d.Client.Addr, country, region, geoKind)
+	fmt.Fprintf(w, "client %s: country %s, region %s (geo database: %s)\n", d.Client.Addr, country, region, geoDB)
 	fmt.Fprintf(w, "this POP's region: %s; active connections: %s\n\n", d.LocalRegion, countsFrom)
 	cands := append([]routing.Candidate(nil), d.Candidates...)
 	sort.SliceStable(cands, func(i, j int) bool {
@@ -148,6 +149,20 @@ func printDecision(w io.Writer, d routing.Decision, t *routing.Table, geoKind, c
 	}
 	b := &t.Backends[d.Winner]
 	fmt.Fprintf(w, "winner: %s at %s\n", b.ID, b.AddrPort())
+}
+
+// printSkipped lists every row the load skipped, of every table, with the
+// reason, so an operator looking for a missing backend (a soft_limit above
+// its hard_limit, an id too long for the BPF maps, the proxy's own
+// address) finds why here rather than only in the proxy's log.
+func printSkipped(w io.Writer, rowErrs []routing.RowError) {
+	if len(rowErrs) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "\n%d rows skipped (not routed to, not in the table above):\n", len(rowErrs))
+	for _, re := range rowErrs {
+		fmt.Fprintf(w, "skipped: %s\n", re.Error())
+	}
 }
 
 func newGeoCommand(e env) *cobra.Command {

@@ -1,17 +1,14 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/edgeproxy/edgeproxy/loader"
 	"github.com/edgeproxy/edgeproxy/userspace"
-	"github.com/edgeproxy/edgeproxy/userspace/wgmesh"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 )
@@ -104,26 +101,16 @@ func newRunCommand(e env) *cobra.Command {
 			log := slog.New(slog.NewTextHandler(logOut, &slog.HandlerOptions{Level: level}))
 			userspace.RaiseFileLimit(log)
 			// The overlay comes up before the proxy so backends behind it
-			// answer from the first connection, and goes down last.
-			wgs, wgOn, err := wgSettingsFromEnv(e)
+			// answer from the first connection, and goes down last. It
+			// follows the pops table through the routing store's watcher.
+			ov, err := startOverlay(e, cfg.DBPath, log)
 			if err != nil {
 				return err
 			}
-			if wgOn {
-				mesh, err := wgmesh.Open(wgs, log)
-				if err != nil {
-					return err
-				}
-				defer mesh.Close()
-				if err := mesh.Sync(cfg.DBPath); err != nil {
-					log.Warn("wireguard reconcile incomplete", "interface", wgs.Interface, "err", err)
-				}
-				ctx, stop := context.WithCancel(context.Background())
-				defer stop()
-				// Watch re-reads the pops table on its own: the routing
-				// store only reports changes to backends.
-				go mesh.Watch(ctx, cfg.DBPath, min(cfg.DBReload, time.Second))
-				cfg.Collectors = append(cfg.Collectors, wgmesh.NewCollector(mesh))
+			defer ov.Close()
+			cfg.LoadOptions, cfg.OnTable = ov.LoadOptions, ov.OnTable
+			if ov.Collector != nil {
+				cfg.Collectors = append(cfg.Collectors, ov.Collector)
 			}
 			proxy, err := userspace.New(cfg, log)
 			if err != nil {

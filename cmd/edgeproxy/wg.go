@@ -4,11 +4,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 
+	"github.com/edgeproxy/edgeproxy/routing"
 	"github.com/edgeproxy/edgeproxy/userspace/wgmesh"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 )
 
@@ -58,6 +62,86 @@ func wgSettingsFromEnv(e env) (s wgmesh.Settings, on bool, err error) {
 		return s, false, err
 	}
 	return s, true, nil
+}
+
+// overlay is the WireGuard mesh as `edgeproxy run` drives it. Every field
+// is safe to use when the overlay is off (On false): the funcs do nothing.
+type overlay struct {
+	// On reports that the overlay runs.
+	On bool
+	// LoadOptions are the overlay's part of the routing store's options:
+	// this POP's id and the host's addresses (Mesh.LoadOptions), so a pops
+	// row capturing one of them is skipped. Merge IsSelf into them and give
+	// them to routing.OpenStoreWith. Zero when off.
+	LoadOptions routing.LoadOptions
+	// OnTable applies a table's pops to the mesh. Call it after every table
+	// the routing store publishes (calling it on unchanged reloads too
+	// repairs peers and routes removed by hand). A failure is logged once
+	// per distinct error, never returned: the proxy serves on.
+	OnTable func(*routing.Table)
+	// Collector exports the peers' metrics; nil when off.
+	Collector prometheus.Collector
+	// Close takes the interface down; call it after the proxy stopped.
+	Close func()
+}
+
+// startOverlay reads the overlay's settings (wgSettingsFromEnv), opens the
+// interface and applies the pops of routing.db at dbPath once, so backends
+// behind the overlay answer from the first connection. Later changes arrive
+// through OnTable, from the routing store's one watcher. An error leaves
+// nothing behind.
+func startOverlay(e env, dbPath string, log *slog.Logger) (overlay, error) {
+	off := overlay{OnTable: func(*routing.Table) {}, Close: func() {}}
+	s, on, err := wgSettingsFromEnv(e)
+	if err != nil || !on {
+		return off, err
+	}
+	mesh, err := wgmesh.Open(s, log)
+	if err != nil {
+		return off, err
+	}
+	opts := mesh.LoadOptions()
+	// Rows this load skips are the store's to report: it reads the same
+	// database with the same options right after.
+	if t, _, err := routing.LoadTableWith(dbPath, opts); err != nil {
+		log.Warn("wireguard overlay has no peers yet: routing database unreadable", "interface", s.Interface, "db", dbPath, "err", err)
+	} else if err := mesh.Apply(t); err != nil {
+		log.Warn("wireguard reconcile incomplete", "interface", s.Interface, "err", err)
+	}
+	return overlay{
+		On:          true,
+		LoadOptions: opts,
+		OnTable:     applyLogged(mesh.Apply, s.Interface, log),
+		Collector:   wgmesh.NewCollector(mesh),
+		Close: func() {
+			if err := mesh.Close(); err != nil {
+				log.Warn("wireguard overlay close failed", "interface", s.Interface, "err", err)
+			}
+		},
+	}, nil
+}
+
+// applyLogged wraps apply for OnTable: calls are serialized (a SIGHUP
+// reload and the watcher may publish at once), and an error is logged when
+// it differs from the previous call's, so a persistent conflict is one line,
+// not one per reload.
+func applyLogged(apply func(*routing.Table) error, iface string, log *slog.Logger) func(*routing.Table) {
+	var (
+		mu   sync.Mutex
+		last string
+	)
+	return func(t *routing.Table) {
+		mu.Lock()
+		defer mu.Unlock()
+		msg := ""
+		if err := apply(t); err != nil {
+			msg = err.Error()
+		}
+		if msg != "" && msg != last {
+			log.Warn("wireguard reconcile incomplete", "interface", iface, "err", msg)
+		}
+		last = msg
+	}
 }
 
 func newWGCommand(e env) *cobra.Command {

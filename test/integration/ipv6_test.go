@@ -21,8 +21,12 @@ import (
 func TestIPv6ClientsAndBackends(t *testing.T) {
 	nettest.RequireRoot(t)
 	const (
-		clientV6  = "fd77:1::2"
-		proxyV6   = "fd77:1::1"
+		// Clients in public space (ULA and private space resolve to no
+		// country), reachable only inside the test's namespaces.
+		clientV6  = "2600:77:1::2"
+		proxyV6   = "2600:77:1::1"
+		clientV4  = "11.77.1.2"
+		proxyV4   = "11.77.1.1"
 		proxyBV6  = "fd77:2::1"
 		backendV6 = "fd77:2::2"
 	)
@@ -30,7 +34,7 @@ func TestIPv6ClientsAndBackends(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for cidr, cc := range map[string]string{"10.77.1.0/24": "FR", "fd77:1::/64": "BR"} {
+	for cidr, cc := range map[string]string{"11.77.1.0/24": "FR", "2600:77:1::/64": "BR"} {
 		_, n, _ := net.ParseCIDR(cidr)
 		if err := writer.Insert(n, mmdbtype.Map{"country": mmdbtype.Map{"iso_code": mmdbtype.String(cc)}}); err != nil {
 			t.Fatal(err)
@@ -50,6 +54,8 @@ func TestIPv6ClientsAndBackends(t *testing.T) {
 		t.Run(plane, func(t *testing.T) {
 			topo := nettest.NewTopology(t)
 			nettest.AddAddr(t, topo.Client, topo.ClientDev, clientV6+"/64")
+			nettest.AddAddr(t, topo.Client, topo.ClientDev, clientV4+"/24")
+			nettest.AddAddr(t, topo.Proxy, topo.ProxyClientDev, proxyV4+"/24")
 			nettest.AddAddr(t, topo.Proxy, topo.ProxyClientDev, proxyV6+"/64")
 			nettest.AddAddr(t, topo.Proxy, topo.ProxyBackendDev, proxyBV6+"/64")
 			nettest.AddAddr(t, topo.Backend, topo.BackendDev, backendV6+"/64")
@@ -65,7 +71,7 @@ func TestIPv6ClientsAndBackends(t *testing.T) {
 			// IPv6 client, BR by the geo database: the IPv6 backend.
 			nettest.MustReach(t, topo.Client, "["+proxyV6+"]:8080", "br-v6")
 			// IPv4 client through the dual-stack socket: FR, not unknown.
-			nettest.MustReach(t, topo.Client, nettest.ProxyClientIP+":8080", "fr-v4")
+			nettest.MustReach(t, topo.Client, proxyV4+":8080", "fr-v4")
 			// Byte-exact both ways over IPv6.
 			c, err := nettest.Dial(topo.Client, "["+proxyV6+"]:8080", 2*time.Second)
 			if err != nil {

@@ -45,17 +45,20 @@ func newGeoLab(t *testing.T) *geoLab {
 		clients: map[string]*nettest.NS{}, proxyIPs: map[string]string{},
 	}
 	nettest.Link(t, lab.proxy, nettest.ProxyBackendIP+"/24", lab.backend, nettest.BackendIP+"/24")
-	// The lab lives in private space, which the writer refuses by default.
+	// Private, shared and documentation space resolves to no country
+	// whatever the database says, so the lab's clients live in 11.91/16:
+	// public space, reachable only inside these namespaces. The writer
+	// still needs reserved networks for the IPv4-mapped aliases.
 	writer, err := mmdbwriter.New(mmdbwriter.Options{DatabaseType: "GeoLite2-Country", RecordSize: 24, IncludeReservedNetworks: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i, cc := range labCountries {
 		ns := nettest.NewNS(t, "c"+strings.ToLower(cc))
-		proxyIP, clientIP := fmt.Sprintf("10.91.%d.1", i+1), fmt.Sprintf("10.91.%d.2", i+1)
+		proxyIP, clientIP := fmt.Sprintf("11.91.%d.1", i+1), fmt.Sprintf("11.91.%d.2", i+1)
 		nettest.Link(t, ns, clientIP+"/24", lab.proxy, proxyIP+"/24")
 		lab.clients[cc], lab.proxyIPs[cc] = ns, proxyIP
-		_, subnet, _ := net.ParseCIDR(fmt.Sprintf("10.91.%d.0/24", i+1))
+		_, subnet, _ := net.ParseCIDR(fmt.Sprintf("11.91.%d.0/24", i+1))
 		if err := writer.Insert(subnet, mmdbtype.Map{"country": mmdbtype.Map{"iso_code": mmdbtype.String(cc)}}); err != nil {
 			t.Fatal(err)
 		}

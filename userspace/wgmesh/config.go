@@ -135,7 +135,7 @@ func DesiredConfig(s Settings, privateKey wgtypes.Key, pops []Pop, resolve Resol
 		if p.ID == s.PopID {
 			continue
 		}
-		if p.PublicKey == self {
+		if wgtypes.Key(p.PublicKey) == self {
 			errs = append(errs, fmt.Errorf("pops row %q: wg_public_key is this POP's own key, but this POP's id is %q: set EDGEPROXY_POP_ID=%s", p.ID, s.PopID, p.ID))
 			continue
 		}
@@ -144,7 +144,7 @@ func DesiredConfig(s Settings, privateKey wgtypes.Key, pops []Pop, resolve Resol
 			keepalive = PersistentKeepalive
 		}
 		pc := wgtypes.PeerConfig{
-			PublicKey:                   p.PublicKey,
+			PublicKey:                   wgtypes.Key(p.PublicKey),
 			PersistentKeepaliveInterval: &keepalive,
 			ReplaceAllowedIPs:           true,
 			AllowedIPs:                  make([]net.IPNet, len(p.AllowedIPs)),

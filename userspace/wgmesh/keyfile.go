@@ -1,6 +1,7 @@
 package wgmesh
 
 import (
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -91,4 +92,18 @@ func ReadKeyFile(path string) (key wgtypes.Key, loose bool, err error) {
 		return wgtypes.Key{}, false, fmt.Errorf("read private key %s: %w", path, err)
 	}
 	return key, fi.Mode().Perm()&0o077 != 0, nil
+}
+
+// parseKey accepts what `wg genkey` and `edgeproxy wg keygen` write:
+// standard base64 of 32 bytes. Its errors never quote the input, which is
+// a secret here.
+func parseKey(s string) (wgtypes.Key, error) {
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s))
+	if err != nil {
+		return wgtypes.Key{}, errors.New("not base64")
+	}
+	if len(b) != wgtypes.KeyLen {
+		return wgtypes.Key{}, fmt.Errorf("decodes to %d bytes, want %d", len(b), wgtypes.KeyLen)
+	}
+	return wgtypes.Key(b), nil
 }

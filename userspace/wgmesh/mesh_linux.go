@@ -3,7 +3,6 @@
 package wgmesh
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/edgeproxy/edgeproxy/routing"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.zx2c4.com/wireguard/wgctrl"
@@ -345,16 +345,66 @@ func (m *Mesh) Status() ([]PeerStatus, error) {
 	return st.Peers, nil
 }
 
-// Sync loads the pops table from dbPath and reconciles to it. Skipped rows
-// are logged ("pops row skipped", once per distinct set, not at every
-// call); the error is the reconcile's, or the database's, in which case
-// nothing changes.
+// Apply makes the interface's peers and routes match t.Pops, the pops
+// table of a routing snapshot (routing.Store reads it with the backends,
+// under the same rules, so one watcher drives both). Call it with every
+// table the store publishes; applying an unchanged table changes nothing
+// and repairs a peer or route someone removed by hand. Skipped rows are the
+// store's to report (its RowErrors), not Apply's. The error is Reconcile's.
+func (m *Mesh) Apply(t *routing.Table) error {
+	if t == nil {
+		return nil
+	}
+	return m.Reconcile(t.Pops)
+}
+
+// LoadOptions are the overlay's part of routing.LoadOptions: this POP's id,
+// whose row is not a peer, and HostAddrs, so the routing store skips a pops
+// row whose allowed_ips would capture one of this host's own addresses.
+func (m *Mesh) LoadOptions() routing.LoadOptions {
+	return routing.LoadOptions{PopID: m.settings.PopID, HostAddrs: m.HostAddrs}
+}
+
+// HostAddrs lists the addresses of every interface in the mesh's network
+// namespace (the overlay's own included), as the kernel has them now. On
+// failure it returns nil, which checks nothing: a pops row is never
+// refused for a lookup that failed.
+func (m *Mesh) HostAddrs() []netip.Addr {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
+	addrs, err := m.nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		m.log.Warn("cannot list this host's addresses; pops rows are not checked against them", "interface", m.settings.Interface, "err", err)
+		return nil
+	}
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if a.IPNet == nil {
+			continue
+		}
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			out = append(out, ip.Unmap())
+		}
+	}
+	return out
+}
+
+// Sync reads the pops table from dbPath (routing.LoadPops, with this
+// mesh's LoadOptions) and reconciles to it. Skipped rows are logged ("pops
+// row skipped", once per distinct set, not at every call); the error is
+// the reconcile's, or the database's, in which case nothing changes.
+//
+// Sync serves callers that have no routing store; `edgeproxy run`
+// hands the store's tables to Apply instead (cmd/edgeproxy startOverlay).
 func (m *Mesh) Sync(dbPath string) error {
-	pops, rowErrs, err := LoadPops(dbPath)
+	pops, rowErrs, err := routing.LoadPops(dbPath, m.LoadOptions())
 	if err != nil {
 		return fmt.Errorf("wireguard interface %s: %w; keeping the current peers", m.settings.Interface, err)
 	}
-	m.logRowErrors(rowErrs)
+	m.logRowErrors(asErrors(rowErrs))
 	return m.Reconcile(pops)
 }
 
@@ -373,43 +423,6 @@ func (m *Mesh) logRowErrors(rowErrs []error) {
 	}
 	for _, e := range rowErrs {
 		m.log.Warn("pops row skipped", "interface", m.settings.Interface, "err", e.Error())
-	}
-}
-
-// DefaultWatchInterval is Watch's interval when given none.
-const DefaultWatchInterval = 5 * time.Second
-
-// Watch calls Sync every interval until ctx ends, so a change to the pops
-// table is applied within one interval (give it EDGEPROXY_DB_RELOAD_SECS).
-// Reconciling an unchanged table changes nothing, and it also repairs a
-// peer or route someone removed by hand. An error is logged when it
-// differs from the previous one, not at every tick. Watch also ends when
-// the mesh is closed.
-func (m *Mesh) Watch(ctx context.Context, dbPath string, interval time.Duration) {
-	if interval <= 0 {
-		interval = DefaultWatchInterval
-	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	last := ""
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		err := m.Sync(dbPath)
-		if errors.Is(err, ErrClosed) {
-			return
-		}
-		msg := ""
-		if err != nil {
-			msg = err.Error()
-		}
-		if msg != last && msg != "" {
-			m.log.Warn("wireguard reconcile incomplete", "interface", m.settings.Interface, "db", dbPath, "err", msg)
-		}
-		last = msg
 	}
 }
 

@@ -10,12 +10,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/edgeproxy/edgeproxy/internal/nettest"
+	"github.com/edgeproxy/edgeproxy/routing"
 )
 
 type lockedBuffer struct {
@@ -154,4 +156,85 @@ func openFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(fds)
+}
+
+// TestMeshAppliesRoutingTables drives a mesh the way `edgeproxy run` does:
+// the routing store reads pops with the mesh's LoadOptions, and each table
+// it publishes goes to Apply.
+func TestMeshAppliesRoutingTables(t *testing.T) {
+	nettest.RequireRoot(t)
+	ns := nettest.NewNS(t, "wga")
+	keyFile := filepath.Join(t.TempDir(), "k")
+	priv, err := WriteKeyFile(keyFile, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	iface := "wga" + hex.EncodeToString(b)
+	s := Settings{Interface: iface, PrivateKeyFile: keyFile, ListenPort: 51998, Address: netip.MustParsePrefix("10.50.9.1/16"), PopID: "me"}
+	logs := &lockedBuffer{}
+	var m *Mesh
+	if err := ns.Do(func() (err error) {
+		m, err = Open(s, slog.New(slog.NewTextHandler(logs, nil)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		m.Close()
+		if t.Failed() {
+			t.Logf("mesh log:\n%s", logs.String())
+		}
+	})
+	if addrs := m.HostAddrs(); !slices.Contains(addrs, netip.MustParseAddr("10.50.9.1")) {
+		t.Fatalf("HostAddrs = %v, want the overlay address 10.50.9.1 of the mesh's namespace", addrs)
+	}
+
+	self := []any{"me", "sa", priv.PublicKey().String(), "", "10.50.9.1", "10.50.9.1/32", 0}
+	peer := []any{"peer", "sa", testKey(5).String(), "192.0.2.5:51820", "10.50.5.1", "10.50.5.1/32,10.70.0.0/16", 0}
+	greedy := []any{"greedy", "sa", testKey(6).String(), "", "10.50.8.1", "10.50.8.0/21", 0} // holds 10.50.9.1
+	steps := []struct {
+		name      string
+		rows      [][]any
+		wantPeers []string
+		wantSkip  []string // pops rows the store skips
+	}{
+		{"a peer is added, this POP's own row is not a peer", [][]any{self, peer}, []string{"peer"}, nil},
+		{"a row capturing this host's overlay address is skipped", [][]any{self, peer, greedy}, []string{"peer"}, []string{"greedy"}},
+		{"a pops-only change removes the peer", [][]any{self}, nil, nil},
+	}
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			path := writePops(t, st.rows...)
+			tbl, rowErrs, err := routing.LoadTableWith(path, m.LoadOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var skipped []string
+			for _, re := range rowErrs {
+				skipped = append(skipped, re.ID)
+				if !strings.Contains(re.Reason, "an address of this host") {
+					t.Errorf("row %q skipped for %q, want for covering this host's address", re.ID, re.Reason)
+				}
+			}
+			if !slices.Equal(skipped, st.wantSkip) {
+				t.Errorf("skipped rows %v (%v), want %v", skipped, rowErrs, st.wantSkip)
+			}
+			if err := m.Apply(tbl); err != nil {
+				t.Fatal(err)
+			}
+			ps, err := m.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, p := range ps {
+				got = append(got, p.ID)
+			}
+			if !slices.Equal(got, st.wantPeers) {
+				t.Errorf("peers %v, want %v", got, st.wantPeers)
+			}
+		})
+	}
 }

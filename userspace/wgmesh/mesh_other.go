@@ -3,17 +3,15 @@
 package wgmesh
 
 import (
-	"context"
 	"errors"
 	"log/slog"
-	"time"
+	"net/netip"
+
+	"github.com/edgeproxy/edgeproxy/routing"
 )
 
 // errNotLinux: the overlay drives netlink, TUN and Linux's WireGuard.
 var errNotLinux = errors.New("the wireguard overlay needs Linux")
-
-// DefaultWatchInterval is Watch's interval when given none.
-const DefaultWatchInterval = 5 * time.Second
 
 // Mesh is this POP's WireGuard interface; off Linux it cannot be opened.
 type Mesh struct {
@@ -26,11 +24,15 @@ type Mesh struct {
 // Open fails off Linux.
 func Open(s Settings, log *slog.Logger) (*Mesh, error) { return nil, errNotLinux }
 
-func (m *Mesh) Kind() string                                         { return "" }
-func (m *Mesh) Reason() string                                       { return errNotLinux.Error() }
-func (m *Mesh) Interface() string                                    { return m.settings.Interface }
-func (m *Mesh) Reconcile(pops []Pop) error                           { return errNotLinux }
-func (m *Mesh) Status() ([]PeerStatus, error)                        { return nil, errNotLinux }
-func (m *Mesh) Sync(dbPath string) error                             { return errNotLinux }
-func (m *Mesh) Watch(ctx context.Context, _ string, _ time.Duration) {}
-func (m *Mesh) Close() error                                         { return nil }
+func (m *Mesh) Kind() string                  { return "" }
+func (m *Mesh) Reason() string                { return errNotLinux.Error() }
+func (m *Mesh) Interface() string             { return m.settings.Interface }
+func (m *Mesh) Reconcile(pops []Pop) error    { return errNotLinux }
+func (m *Mesh) Status() ([]PeerStatus, error) { return nil, errNotLinux }
+func (m *Mesh) Sync(dbPath string) error      { return errNotLinux }
+func (m *Mesh) Apply(t *routing.Table) error  { return errNotLinux }
+func (m *Mesh) HostAddrs() []netip.Addr       { return nil }
+func (m *Mesh) LoadOptions() routing.LoadOptions {
+	return routing.LoadOptions{PopID: m.settings.PopID, HostAddrs: m.HostAddrs}
+}
+func (m *Mesh) Close() error { return nil }

@@ -103,7 +103,7 @@ func readStatus(c *wgctrl.Client, iface string, ids map[wgtypes.Key]string, now 
 func idsByKey(pops []Pop) map[wgtypes.Key]string {
 	ids := make(map[wgtypes.Key]string, len(pops))
 	for _, p := range pops {
-		ids[p.PublicKey] = p.ID
+		ids[wgtypes.Key(p.PublicKey)] = p.ID
 	}
 	return ids
 }
