@@ -96,6 +96,10 @@ func TestBadRowsSkipped(t *testing.T) {
 			}
 		}
 
+		if testing.Verbose() {
+			t.Logf("skip lines:\n%s", strings.Join(skipped, "\n"))
+		}
+
 		// Only the good row is in the table, and it serves.
 		st := proxyStatus(t, topo.Proxy)
 		var ids []string
