@@ -123,6 +123,21 @@ func Dial(ns *NS, addr string, timeout time.Duration) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
+// DialFrom connects from inside ns with the local address bound to
+// localIP, for a host with more than one address.
+func DialFrom(ns *NS, localIP, addr string, timeout time.Duration) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: net.ParseIP(localIP)}}
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		c, err = d.Dial("tcp", addr)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
 // MustReach dials addr from ns, reads the greeting and checks it names
 // wantID.
 func MustReach(t testing.TB, ns *NS, addr, wantID string) {

@@ -9,8 +9,12 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,6 +106,9 @@ type proxyProc struct {
 	DBPath  string
 	logs    *syncBuffer
 	done    chan error
+	// wrap prefixes the command line, e.g. prlimit with its options; the
+	// wrapper must exec edgeproxy so that cmd's pid is the proxy's.
+	wrap []string
 }
 
 type syncBuffer struct {
@@ -115,6 +122,18 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 
+// tail is the log, or its last limit bytes when longer (a proxy that logs
+// in a loop).
+func (s *syncBuffer) tail(limit int) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.b.Bytes()
+	if len(b) <= limit {
+		return string(b)
+	}
+	return fmt.Sprintf("[%d earlier bytes left out]\n%s", len(b)-limit, b[len(b)-limit:])
+}
+
 func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -125,8 +144,16 @@ func (s *syncBuffer) String() string {
 // 0.0.0.0:8080, with the backends in rows, and waits until it serves.
 func startProxy(t testing.TB, ns *nettest.NS, plane string, rows []backendRow, env ...string) *proxyProc {
 	t.Helper()
+	return startProxyWrapped(t, ns, plane, rows, nil, env...)
+}
+
+// startProxyWrapped is startProxy with the command line prefixed by wrap,
+// a program that execs the rest (prlimit, for one).
+func startProxyWrapped(t testing.TB, ns *nettest.NS, plane string, rows []backendRow, wrap []string, env ...string) *proxyProc {
+	t.Helper()
 	dir := t.TempDir()
 	p := &proxyProc{
+		wrap:    wrap,
 		Plane:   plane,
 		DBPath:  filepath.Join(dir, "routing.db"),
 		PinPath: fmt.Sprintf("/sys/fs/bpf/edgeproxy-test-%d-%d", os.Getpid(), time.Now().UnixNano()),
@@ -139,7 +166,7 @@ func startProxy(t testing.TB, ns *nettest.NS, plane string, rows []backendRow, e
 		p.stop(t)
 		os.RemoveAll(p.PinPath)
 		if t.Failed() {
-			t.Logf("edgeproxy log:\n%s", p.logs.String())
+			t.Logf("edgeproxy log:\n%s", p.logs.tail(64<<10))
 		}
 	})
 	return p
@@ -147,7 +174,11 @@ func startProxy(t testing.TB, ns *nettest.NS, plane string, rows []backendRow, e
 
 func (p *proxyProc) start(t testing.TB, ns *nettest.NS, env []string) {
 	t.Helper()
-	p.cmd = ns.Command(binary, "run")
+	if len(p.wrap) > 0 {
+		p.cmd = ns.Command(p.wrap[0], append(p.wrap[1:], binary, "run")...)
+	} else {
+		p.cmd = ns.Command(binary, "run")
+	}
 	p.cmd.Env = append(os.Environ(),
 		"EDGEPROXY_LISTEN_ADDR=0.0.0.0:8080",
 		"EDGEPROXY_DB_PATH="+p.DBPath,
@@ -276,4 +307,220 @@ const proxyAddr = nettest.ProxyClientIP + ":8080"
 
 func backendAt(id string, port int) backendRow {
 	return backendRow{ID: id, Region: "sa", Country: "BR", Addr: nettest.BackendIP, Port: port, Healthy: true, Weight: 1, Soft: 1000, Hard: 0}
+}
+
+// adminAddr is where tests that read /status and /metrics run the admin
+// server: loopback of the proxy's namespace, reached with ns.Do.
+const adminAddr = "127.0.0.1:9090"
+
+// adminEnv turns on the admin server at adminAddr.
+const adminEnv = "EDGEPROXY_ADMIN_ADDR=" + adminAddr
+
+// adminGet fetches path from the admin server inside ns.
+func adminGet(ns *nettest.NS, path string) (int, []byte, error) {
+	client := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return nettest.Dial(ns, addr, 2*time.Second)
+		},
+	}}
+	resp, err := client.Get("http://" + adminAddr + path)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, body, err
+}
+
+// adminStatus is the part of GET /status the tests read.
+type adminStatus struct {
+	Panic    bool              `json:"panic"`
+	Active   int               `json:"active"`
+	Rejected map[string]uint64 `json:"rejected"`
+	Backends []adminBackend    `json:"backends"`
+}
+
+type adminBackend struct {
+	ID            string `json:"id"`
+	Address       string `json:"address"`
+	Healthy       bool   `json:"healthy"`
+	State         string `json:"state"`
+	StateSince    string `json:"state_since"`
+	LastError     string `json:"last_error"`
+	Active        int64  `json:"active"`
+	ConnectErrors uint64 `json:"connect_errors"`
+}
+
+func (s adminStatus) backend(id string) (adminBackend, bool) {
+	for _, b := range s.Backends {
+		if b.ID == id {
+			return b, true
+		}
+	}
+	return adminBackend{}, false
+}
+
+// states shows each backend's state, for failure messages.
+func (s adminStatus) states() string {
+	var parts []string
+	for _, b := range s.Backends {
+		parts = append(parts, fmt.Sprintf("%s=%q(since %s, last error %q)", b.ID, b.State, b.StateSince, b.LastError))
+	}
+	return fmt.Sprintf("panic=%v active=%d backends: %s", s.Panic, s.Active, strings.Join(parts, ", "))
+}
+
+// proxyStatus reads GET /status from the admin server in ns.
+func proxyStatus(t testing.TB, ns *nettest.NS) adminStatus {
+	t.Helper()
+	code, body, err := adminGet(ns, "/status")
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("GET /status: HTTP %d, %v\n%s", code, err, body)
+	}
+	var st adminStatus
+	if err := json.Unmarshal(body, &st); err != nil {
+		t.Fatalf("GET /status: %v\n%s", err, body)
+	}
+	return st
+}
+
+// metrics is one scrape of GET /metrics: each sample's series as the text
+// format prints it (name{labels}) mapped to its value.
+type metrics map[string]float64
+
+// scrape reads GET /metrics from the admin server in ns.
+func scrape(t testing.TB, ns *nettest.NS) metrics {
+	t.Helper()
+	code, body, err := adminGet(ns, "/metrics")
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("GET /metrics: HTTP %d, %v\n%s", code, err, body)
+	}
+	m := metrics{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("GET /metrics: bad sample %q", line)
+		}
+		m[line[:i]] = v
+	}
+	return m
+}
+
+// get returns a sample; absent series read as 0 with ok false.
+func (m metrics) get(series string) (v float64, ok bool) {
+	v, ok = m[series]
+	return v, ok
+}
+
+// waitUntil polls cond every 50ms until it holds or within has passed; the
+// failure names what was awaited and cond's last explanation.
+func waitUntil(t testing.TB, within time.Duration, what string, cond func() (bool, string)) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		ok, why := cond()
+		if ok {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("%s: not within %s: %s", what, within, why)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// cpuTicks is the proxy's user plus system CPU time in clock ticks
+// (utime and stime of /proc/PID/stat).
+func (p *proxyProc) cpuTicks(t testing.TB) int {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatalf("read proxy stat: %v", err)
+	}
+	// Fields after the command name, which may hold spaces: state is
+	// field 3, utime 14, stime 15.
+	f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	utime, _ := strconv.Atoi(f[11])
+	stime, _ := strconv.Atoi(f[12])
+	return utime + stime
+}
+
+// outcome is how one connection through the proxy to a greeting backend
+// went.
+type outcome int
+
+const (
+	greeted outcome = iota // a backend's greeting arrived
+	refused                // reset or closed without a byte
+	silent                 // open, nothing within the wait: e.g. still in the listen backlog
+	broken                 // anything else: a failed dial, a garbled greeting
+)
+
+func (o outcome) String() string {
+	return [...]string{"greeted", "refused", "silent", "broken"}[o]
+}
+
+// attempt is one connection's outcome, the greeting backend's id, and how
+// long the greeting (or refusal) took from the start of the dial.
+type attempt struct {
+	out     outcome
+	id      string
+	err     error
+	latency time.Duration
+	conn    *net.TCPConn // open after greeted and silent; the caller closes it
+}
+
+func (a attempt) String() string {
+	return fmt.Sprintf("%s id=%q err=%v after %s", a.out, a.id, a.err, a.latency.Round(time.Millisecond))
+}
+
+// tryGreeting dials addr from ns (bound to localIP unless empty) and waits
+// up to wait for a greeting "hello from ID".
+func tryGreeting(ns *nettest.NS, localIP, addr string, wait time.Duration) attempt {
+	start := time.Now()
+	var c *net.TCPConn
+	var err error
+	if localIP == "" {
+		c, err = nettest.Dial(ns, addr, 2*time.Second)
+	} else {
+		c, err = nettest.DialFrom(ns, localIP, addr, 2*time.Second)
+	}
+	if err != nil {
+		a := attempt{out: broken, err: err, latency: time.Since(start)}
+		// The reset may beat the dial's own return.
+		if errors.Is(err, syscall.ECONNRESET) {
+			a.out = refused
+		}
+		return a
+	}
+	line, err := nettest.ReadLine(c, wait)
+	a := attempt{err: err, latency: time.Since(start), conn: c}
+	switch {
+	case err == nil && strings.HasPrefix(line, "hello from "):
+		a.out, a.id = greeted, strings.TrimPrefix(line, "hello from ")
+		return a
+	case err != nil && line == "" && isTimeout(err):
+		a.out = silent
+		return a
+	case err != nil && line == "" && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)):
+		a.out = refused
+	default:
+		a.out, a.err = broken, fmt.Errorf("greeting %q: %v", line, err)
+	}
+	c.Close()
+	a.conn = nil
+	return a
+}
+
+// readProcFile reads /proc/PID/name without its trailing newline.
+func readProcFile(pid int, name string) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, name))
+	return strings.TrimSuffix(string(b), "\n"), err
 }
