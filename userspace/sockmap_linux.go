@@ -853,13 +853,17 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	if count == src.lastSeen {
 		return
 	}
+	// What arrived since the last check will likely arrive again before
+	// the next: pausing on the backlog plus that growth keeps a fast
+	// sender from overshooting its share by a tick's worth of bytes.
+	growth := count - src.lastSeen
 	src.lastSeen = count
 	sent, err := sentTo(src.peer)
 	if err != nil || sent > count {
 		return
 	}
 	backlog := count - sent
-	if backlog < p.pauseBacklog() {
+	if backlog+growth < p.pauseBacklog() {
 		return
 	}
 	for s&loader.FlowArmed != 0 {
