@@ -75,10 +75,10 @@ type endpoint struct {
 	// clamp is the window clamp to restore once armed, 0 when not clamped.
 	// Catching up on passed bytes races the sender, whose window opens as
 	// fast as userspace reads; a small window lets userspace win the race.
-	clamp    int
+	clamp int
 	// rcvbuf is the receive buffer to restore once armed again, 0 when not
 	// shrunk: while paused, bytes wait in this socket's own queue.
-	rcvbuf int
+	rcvbuf   int
 	behind   int    // reads spent catching up since the direction was last armed
 	pending  []byte // read from this socket, not yet accepted by peer
 	lastSeen uint64 // count at the last backpressure check
