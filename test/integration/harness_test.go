@@ -161,7 +161,9 @@ func startProxyWrapped(t testing.TB, ns *nettest.NS, plane string, rows []backen
 		done:    make(chan error, 1),
 	}
 	writeDB(t, p.DBPath, rows)
-	p.start(t, ns, env)
+	// Registered before start: a proxy that starts but fails the checks
+	// there is stopped and its pins removed too, not left running (and
+	// pinned) until the test binary exits.
 	t.Cleanup(func() {
 		p.stop(t)
 		os.RemoveAll(p.PinPath)
@@ -169,6 +171,7 @@ func startProxyWrapped(t testing.TB, ns *nettest.NS, plane string, rows []backen
 			t.Logf("edgeproxy log:\n%s", p.logs.tail(64<<10))
 		}
 	})
+	p.start(t, ns, env)
 	return p
 }
 
@@ -218,6 +221,7 @@ func (p *proxyProc) start(t testing.TB, ns *nettest.NS, env []string) {
 	select {
 	case <-ready:
 	case err := <-p.done:
+		p.cmd = nil // reaped: nothing for stop to wait for
 		t.Fatalf("edgeproxy exited before serving: %v\n%s", err, p.logs.String())
 	case <-time.After(10 * time.Second):
 		t.Fatalf("edgeproxy not serving after 10s:\n%s", p.logs.String())
