@@ -270,14 +270,19 @@ func TestSlowReader256MiB(t *testing.T) {
 		backends := make(chan *net.TCPConn, 1)
 		release := make(chan struct{})
 		nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", func(c *net.TCPConn) {
-			backends <- c
+			select {
+			case backends <- c:
+			default: // not the proxied connection: nothing waits for it
+			}
 			nettest.Exchange(c)
 			<-release
 		})
 		var releaseOnce sync.Once
 		releaseBackend := func() { releaseOnce.Do(func() { close(release) }) }
 		t.Cleanup(releaseBackend) // before the server's own cleanup waits for it
-		p := startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)})
+		// No health checks: their connections would reach this handler
+		// too, and the sampler must read the proxied connection's socket.
+		p := startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)}, "EDGEPROXY_HEALTH_INTERVAL_SECS=0")
 		baseRSS := p.rssKiB(t)
 
 		c, err := nettest.Dial(topo.Client, proxyAddr, 2*time.Second)
