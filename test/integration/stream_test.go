@@ -177,7 +177,8 @@ func TestResetPropagates(t *testing.T) {
 			_, err := io.Copy(io.Discard, c)
 			s.closed <- err
 		})
-		p := startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)})
+		// No health checks: each connection here must be the proxied one.
+		p := startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)}, "EDGEPROXY_HEALTH_INTERVAL_SECS=0")
 
 		connect := func() (*net.TCPConn, serverSide) {
 			c, err := nettest.Dial(topo.Client, proxyAddr, 2*time.Second)
