@@ -359,6 +359,39 @@ func TestHealthChecksSpreadAndBounded(t *testing.T) {
 	t.Logf("%d probes, at most %d at once", probes.Load(), most.Load())
 }
 
+func TestHealthChecksSpreadOverTheInterval(t *testing.T) {
+	var backends []routing.Backend
+	for i := range 13 {
+		backends = append(backends, backend(fmt.Sprintf("backend-%02d", i), "BR", uint16(100+i)))
+	}
+	b, _, _, _ := newTestBalancer(t, backends...)
+	b.Now = time.Now
+	var mu sync.Mutex
+	var starts []time.Time
+	probe := func(context.Context, string) error {
+		mu.Lock()
+		starts = append(starts, time.Now())
+		mu.Unlock()
+		return nil
+	}
+	interval := 400 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), interval-20*time.Millisecond)
+	defer cancel()
+	b.runHealthChecks(ctx, HealthConfig{Interval: interval, Timeout: 50 * time.Millisecond, Fall: 1, Rise: 1, Workers: 16}, probe)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(starts) < 8 {
+		t.Fatalf("only %d of 13 backends probed in the first round", len(starts))
+	}
+	span := starts[len(starts)-1].Sub(starts[0])
+	// Fired together they would start within a millisecond; offsets from
+	// hashed ids spread 13 of them over most of the interval.
+	if span < interval/4 {
+		t.Fatalf("%d probes started within %v of each other, want them spread over the %v interval", len(starts), span, interval)
+	}
+	t.Logf("first round: %d probes spread over %v of a %v interval", len(starts), span, interval)
+}
+
 func TestAdmissionCapsConnections(t *testing.T) {
 	b, _, _, _ := newTestBalancer(t, backend("a", "BR", 1))
 	a := &admission{maxConns: 2, balancer: b}

@@ -26,7 +26,8 @@ func TestManyIdleConnections(t *testing.T) {
 			topo := nettest.NewTopology(t)
 			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", nettest.Greeter("b1"))
 			// Every connection comes from one address: no per-client cap here.
-			p := startProxy(t, topo.Proxy, tc.plane, []backendRow{backendAt("b1", 9000)}, "EDGEPROXY_CLIENT_MAX_CONNS=0")
+			p := startProxy(t, topo.Proxy, tc.plane, []backendRow{backendAt("b1", 9000)},
+				"EDGEPROXY_CLIENT_MAX_CONNS=0", "EDGEPROXY_ADMIN_ADDR="+adminAddr)
 			before := p.rssKiB(t)
 			deadline := time.Now().Add(120 * time.Second)
 			conns := make([]*net.TCPConn, 0, tc.conns)
@@ -55,6 +56,21 @@ func TestManyIdleConnections(t *testing.T) {
 			if s, pr := p.mapEntries(t); tc.plane == "sockmap" && (s != 2*tc.conns || pr != 2*tc.conns) {
 				t.Fatalf("with %d connections held: %d sockhash entries and %d pairings, want %d each", tc.conns, s, pr, 2*tc.conns)
 			}
+			// The admin endpoint reads counters, not maps: with every
+			// connection held it answers, and its counts are exact.
+			start := time.Now()
+			st := proxyStatus(t, topo.Proxy)
+			statusTook := time.Since(start)
+			start = time.Now()
+			m := scrape(t, topo.Proxy)
+			scrapeTook := time.Since(start)
+			if st.Active != tc.conns {
+				t.Fatalf("/status active = %d with %d connections held", st.Active, tc.conns)
+			}
+			if got, _ := m.get(`edgeproxy_active_connections{backend="b1"}`); int(got) != tc.conns {
+				t.Fatalf("/metrics active connections of b1 = %v with %d held", got, tc.conns)
+			}
+			t.Logf("%s: with %d connections held, GET /status took %v, GET /metrics %v", tc.plane, tc.conns, statusTook, scrapeTook)
 			// Every held connection still carries bytes both ways.
 			for i, c := range conns {
 				msg := fmt.Sprintf("still alive %d", i)
