@@ -178,6 +178,9 @@ type effectiveTable struct {
 	base  *routing.Table
 	gen   uint64
 	table *routing.Table
+	// eligible counts the backends decisions may pick (hard limits
+	// aside): how many different backends one connection can try.
+	eligible int
 }
 
 // routingTable is the store's snapshot with the backends that checks hold
@@ -227,8 +230,27 @@ func (b *Balancer) routingTable() *routing.Table {
 			b.Log.Info("panic routing off: a backend is up again")
 		}
 	}
-	b.eff = effectiveTable{base: base, gen: gen, table: table}
+	eligible := 0
+	for i := range table.Backends {
+		if table.Backends[i].Healthy {
+			eligible++
+		}
+	}
+	b.eff = effectiveTable{base: base, gen: gen, table: table, eligible: eligible}
 	return table
+}
+
+// AttemptsLeft is how many backends a connection holding l may still try,
+// this one included: the retries left, and no more than the eligible
+// backends it has not tried. The connect budget is split over these, so a
+// lone backend gets all of it.
+func (l *Lease) AttemptsLeft(retries int) int {
+	b := l.balancer
+	b.mu.Lock()
+	b.routingTable()
+	eligible := b.eff.eligible
+	b.mu.Unlock()
+	return max(min(retries+2-l.Attempts(), eligible-len(l.tried)), 1)
 }
 
 // Panicking reports whether panic routing is on.

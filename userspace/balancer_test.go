@@ -500,3 +500,38 @@ func TestSelfCheckFindsTheProxysOwnListener(t *testing.T) {
 		})
 	}
 }
+
+func TestBulkSendBufferSpansOneJiffyAtLineRate(t *testing.T) {
+	cases := []struct {
+		hz   int
+		want int
+	}{{100, 64 << 20}, {250, 32 << 20}, {300, 16 << 20}, {1000, 8 << 20}}
+	for _, tc := range cases {
+		if got := bulkSendBuffer(tc.hz); got != tc.want {
+			t.Errorf("HZ=%d: send buffer %d MiB, want %d MiB", tc.hz, got>>20, tc.want>>20)
+		}
+	}
+	if hz := kernelHZ(); hz < 100 || hz > 1000 {
+		t.Errorf("kernel HZ read as %d", hz)
+	}
+}
+
+func TestConnectBudgetSplitsOverBackendsThatCanBeTried(t *testing.T) {
+	lone, _, _, _ := newTestBalancer(t, backend("only", "BR", 1))
+	if got := mustAcquire(t, lone).AttemptsLeft(2); got != 1 {
+		t.Fatalf("a lone backend: %d attempts left, want 1 (it gets the whole connect budget)", got)
+	}
+	b, _, _, _ := newTestBalancer(t, backend("a", "BR", 1), backend("b", "BR", 2), backend("c", "BR", 3), backend("d", "BR", 4))
+	l := mustAcquire(t, b)
+	if got := l.AttemptsLeft(2); got != 3 {
+		t.Fatalf("4 backends, 2 retries: %d attempts left, want 3", got)
+	}
+	l.Failed(errors.New("refused"))
+	next, _ := b.AcquireNext(l)
+	if got := next.AttemptsLeft(2); got != 2 {
+		t.Fatalf("after one failure: %d attempts left, want 2", got)
+	}
+	if got := next.AttemptsLeft(0); got != 1 {
+		t.Fatalf("no retries: %d attempts left, want 1", got)
+	}
+}

@@ -78,7 +78,10 @@ type endpoint struct {
 	clamp int
 	// rcvbuf is the receive buffer to restore once armed again, 0 when not
 	// shrunk: while paused, bytes wait in this socket's own queue.
-	rcvbuf   int
+	rcvbuf int
+	// sndbuf is the send buffer this socket had before bulk into it
+	// raised it (sizeForBulk), 0 when not raised, -1 when it need not be.
+	sndbuf   int
 	behind   int    // reads spent catching up since the direction was last armed
 	pending  []byte // read from this socket, not yet accepted by peer
 	lastSeen uint64 // count at the last backpressure check
@@ -361,7 +364,7 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 func (p *sockmapPlane) dial(c *smConn) {
 	now := time.Now()
 	c.connecting = true
-	c.deadline = now.Add(attemptTimeout(c.connectBy, now, p.env.retries+2-c.lease.Attempts()))
+	c.deadline = now.Add(attemptTimeout(c.connectBy, now, c.lease.AttemptsLeft(p.env.retries)))
 	target := c.lease.Backend.AddrPort()
 	family := unix.AF_INET6
 	if target.Addr().Is4() {
@@ -864,6 +867,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	}
 	backlog := count - sent
 	if backlog+growth < p.pauseBacklog() {
+		p.sizeForBulk(src.peer, growth)
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -871,6 +875,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 			src.armed, src.paused = false, true
 			src.settled = s & loader.FlowCountMask
 			p.shrinkReceive(src)
+			p.unsizeForBulk(src.peer)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
 				"socket", src.side(), "backlog", backlog)

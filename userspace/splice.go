@@ -140,7 +140,7 @@ func (p *splicePlane) dialWithRetries(ctx context.Context, clientAddr netip.Addr
 		l := *lease
 		target := l.Backend.AddrPort()
 		now := time.Now()
-		dctx, cancel := context.WithTimeout(ctx, attemptTimeout(connectBy, now, p.env.retries+2-l.Attempts()))
+		dctx, cancel := context.WithTimeout(ctx, attemptTimeout(connectBy, now, l.AttemptsLeft(p.env.retries)))
 		bc, err := p.Dial(dctx, "tcp", target.String())
 		cancel()
 		if err == nil {
