@@ -35,6 +35,7 @@ type planeEnv struct {
 	balancer       *Balancer
 	connectTimeout time.Duration // for all attempts of one connection together
 	retries        int           // further backends tried after a failed dial
+	workers        int           // event loops of the sockmap plane
 	admission      *admission
 	keepalive      time.Duration // TCP keepalive idle time; 0: off
 	idleTimeout    time.Duration // close connections idle both ways this long; 0: off

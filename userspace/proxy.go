@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -43,6 +44,7 @@ type Config struct {
 	IdleTimeout    time.Duration // EDGEPROXY_IDLE_TIMEOUT_SECS; 0: off
 	MaxBufferedMB  int           // EDGEPROXY_MAX_BUFFERED_MB
 	StallTimeout   time.Duration // EDGEPROXY_STALL_TIMEOUT_SECS; 0: off
+	Workers        int           // EDGEPROXY_WORKERS; 0: one per CPU the process may run on
 	// LoadOptions are how routing.db is read (the overlay's host
 	// addresses and POP id); New adds the listen-address check.
 	LoadOptions routing.LoadOptions
@@ -92,6 +94,9 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open geo database: %w", err)
 	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = runtime.NumCPU() // the CPUs this process may run on
+	}
 	p := &Proxy{cfg: cfg, log: log, store: store, geo: geo, extraCollectors: cfg.Collectors}
 	p.balancer = &Balancer{Store: store, Geo: geo, LocalRegion: cfg.Region, Now: time.Now, BindingTTL: cfg.BindingTTL,
 		Health: cfg.Health, Log: log}
@@ -127,7 +132,7 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		p.admission.clients = NewClientLimiter(cfg.ClientMaxConns, cfg.ClientRate, clientsTracked, time.Now)
 	}
 	env := planeEnv{
-		balancer: p.balancer, connectTimeout: cfg.ConnectTimeout, retries: cfg.ConnectRetries,
+		balancer: p.balancer, connectTimeout: cfg.ConnectTimeout, retries: cfg.ConnectRetries, workers: cfg.Workers,
 		admission: p.admission, keepalive: cfg.Keepalive, idleTimeout: cfg.IdleTimeout,
 		stallTimeout: cfg.StallTimeout, bufferBudget: uint64(cfg.MaxBufferedMB) << 20,
 		log: log, warn: newThrottledLog(log, 10*time.Second), onClose: p.onClose,
@@ -272,6 +277,15 @@ func (p *Proxy) choosePlane(env planeEnv) error {
 	return nil
 }
 
+// workers is the number of event loops serving connections: the sockmap
+// plane's, or 1 for the splice plane (a goroutine per connection).
+func (p *Proxy) workers() int {
+	if w, ok := p.plane.(interface{ Workers() int }); ok {
+		return w.Workers()
+	}
+	return 1
+}
+
 // Addr is the bound listen address.
 func (p *Proxy) Addr() net.Addr { return p.ln.Addr() }
 
@@ -291,7 +305,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 		"dataplane", p.plane.Name(), "reason", p.DataplaneReason,
 		"db", p.cfg.DBPath, "geoip", p.geo.Describe(),
 		"backends", len(p.store.Current().Backends), "admin", p.cfg.AdminAddr,
-		"max_conns", p.admission.maxConns, "health_interval", p.cfg.Health.Interval)
+		"max_conns", p.admission.maxConns, "health_interval", p.cfg.Health.Interval, "workers", p.workers())
 	accept, stopAccepting := context.WithCancel(context.Background())
 	stop, stopAll := context.WithCancel(context.Background())
 	defer stopAll()

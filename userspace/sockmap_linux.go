@@ -39,9 +39,10 @@ type sockmapPlane struct {
 	byFD               []*endpoint
 	conns              map[*smConn]struct{}
 	buf                []byte
-	active             atomic.Int64
-	pairedSockets      atomic.Int64 // sockets put in the sockhash: pair adds, teardown subtracts; Stats reads it instead of walking the map
-	pairings           atomic.Int64 // entries written to the pairings map: pair adds, teardown subtracts; Stats reads it instead of walking the map
+	counters           *sockmapCounters // shared by every loop
+	// lnEvents is how the listener is registered: EPOLLEXCLUSIVE when
+	// several loops wait on it, so one connection wakes one loop.
+	lnEvents uint32
 
 	// acceptPausedUntil is set when accept itself failed (out of
 	// descriptors): the listener leaves epoll until then, instead of
@@ -49,6 +50,13 @@ type sockmapPlane struct {
 	acceptPausedUntil time.Time
 	nextSweep         time.Time // idle and stall checks, once a second
 	nextStallSweep    time.Time
+}
+
+// sockmapCounters are what every loop of the plane adds to.
+type sockmapCounters struct {
+	active        atomic.Int64 // connections held, all loops
+	pairedSockets atomic.Int64 // sockets put in the sockhash: pair adds, teardown subtracts; Stats reads it instead of walking the map
+	pairings      atomic.Int64 // entries written to the pairings map: pair adds, teardown subtracts; Stats reads it instead of walking the map
 }
 
 // endpoint is one socket of a connection. Its receive side is the flow of
@@ -118,48 +126,112 @@ const (
 	readChunk    = 64 << 10
 )
 
-func newSockmapPlane(env planeEnv, maps *loader.Sockmap) *sockmapPlane {
+// sockmapLoops is the sockmap data plane: EDGEPROXY_WORKERS event loops,
+// each accepting from the one listening socket (woken one at a time with
+// EPOLLEXCLUSIVE) and owning the connections it accepted, start to end.
+// What they share is safe to share: the balancer (its mutex keeps hard
+// limits exact across loops), the admission counters, the BPF maps.
+type sockmapLoops struct {
+	loops    []*sockmapPlane
+	maps     *loader.Sockmap
+	counters *sockmapCounters
+}
+
+func newSockmapPlane(env planeEnv, maps *loader.Sockmap) *sockmapLoops {
+	counters := &sockmapCounters{}
+	l := &sockmapLoops{maps: maps, counters: counters}
+	for range max(env.workers, 1) {
+		l.loops = append(l.loops, newSockmapLoop(env, maps, counters))
+	}
+	return l
+}
+
+func newSockmapLoop(env planeEnv, maps *loader.Sockmap, counters *sockmapCounters) *sockmapPlane {
 	return &sockmapPlane{
 		env:             env,
 		maps:            maps,
+		counters:        counters,
 		maxPauseBacklog: 32 << 20,
 		tick:            5 * time.Millisecond,
 		conns:           map[*smConn]struct{}{},
 		buf:             make([]byte, readChunk),
+		lnEvents:        unix.EPOLLIN,
 	}
 }
 
-func (p *sockmapPlane) Name() string { return "sockmap" }
+func (l *sockmapLoops) Name() string { return "sockmap" }
 
-func (p *sockmapPlane) Stats() PlaneStats {
+// Workers is the number of event loops.
+func (l *sockmapLoops) Workers() int { return len(l.loops) }
+
+func (l *sockmapLoops) Stats() PlaneStats {
 	// Counted in userspace: walking the sockhash or the pairings map would
 	// cost a bpf() call per connection on every scrape.
 	st := PlaneStats{
-		Active:   int(p.active.Load()),
-		Sockets:  int(p.pairedSockets.Load()),
-		Pairings: int(p.pairings.Load()),
+		Active:   int(l.counters.active.Load()),
+		Sockets:  int(l.counters.pairedSockets.Load()),
+		Pairings: int(l.counters.pairings.Load()),
 	}
-	if v, err := p.maps.Verdicts(); err == nil {
+	if v, err := l.maps.Verdicts(); err == nil {
 		st.Verdicts = v
 	}
 	return st
 }
 
-func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) error {
-	lnfd, err := dupListener(ln)
+// KernelBytes is what the verdict redirected for one backend.
+func (l *sockmapLoops) KernelBytes(backend uint32) (toBackend, toClient uint64, err error) {
+	return l.maps.BackendBytes(backend)
+}
+
+// Serve runs every loop on its own descriptor of the listening socket
+// until each has drained. A loop that fails stops the others (their
+// connections are reset) and its error is returned.
+func (l *sockmapLoops) Serve(accept, stop context.Context, ln *net.TCPListener) error {
+	fds, err := dupListener(ln, len(l.loops))
 	if err != nil {
 		return err
 	}
-	p.lnfd = lnfd
-	if err := unix.SetsockoptInt(lnfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+	if err := unix.SetsockoptInt(fds[0], unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		closeAll(fds)
 		return fmt.Errorf("set TCP_NODELAY on the listener: %w", err)
 	}
-	// Accepted sockets inherit keepalive from the listener (the kernel
-	// clones the listening socket and arms the timer when SO_KEEPALIVE is
-	// set), so clients cost no system call for it.
-	if err := setKeepalive(lnfd, p.env.keepalive); err != nil {
-		return fmt.Errorf("set keepalive on the listener: %w", err)
+	stop, failed := context.WithCancel(stop)
+	defer failed()
+	errs := make(chan error, len(l.loops))
+	for i, loop := range l.loops {
+		if len(l.loops) > 1 {
+			loop.lnEvents |= unix.EPOLLEXCLUSIVE
+		}
+		go func() {
+			err := loop.serve(accept, stop, fds[i])
+			if err != nil {
+				failed()
+			}
+			errs <- err
+		}()
 	}
+	var all []error
+	for range l.loops {
+		if err := <-errs; err != nil {
+			all = append(all, err)
+		}
+	}
+	return errors.Join(all...)
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+// serve runs one event loop, accepting on lnfd (its own descriptor of the
+// listening socket, closed when it drains). Accepted sockets inherit
+// keepalive and TCP_NODELAY from the listening socket (the kernel clones
+// it), so clients cost no system call for either.
+func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
+	var err error
+	p.lnfd = lnfd
 	defer func() {
 		if p.lnfd >= 0 {
 			unix.Close(p.lnfd)
@@ -173,10 +245,11 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 		return fmt.Errorf("create eventfd: %w", err)
 	}
 	defer unix.Close(p.wakefd)
-	for _, fd := range []int{p.lnfd, p.wakefd} {
-		if err := p.epollCtl(unix.EPOLL_CTL_ADD, fd, unix.EPOLLIN); err != nil {
-			return err
-		}
+	if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, p.lnEvents); err != nil {
+		return err
+	}
+	if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.wakefd, unix.EPOLLIN); err != nil {
+		return err
 	}
 	wake := func() { _, _ = unix.Write(p.wakefd, []byte{1, 0, 0, 0, 0, 0, 0, 0}) }
 	defer context.AfterFunc(accept, wake)()
@@ -201,8 +274,13 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 		}
 		timeout := -1
 		if len(p.conns) > 0 {
-			// Rounded up: a timeout of 0 would spin until the tick.
-			timeout = max(int((time.Until(nextTick)+time.Millisecond-1)/time.Millisecond), 0)
+			timeout = millisUntil(nextTick)
+		}
+		if !p.acceptPausedUntil.IsZero() {
+			// The listener is out of epoll: wake up to put it back.
+			if t := millisUntil(p.acceptPausedUntil); timeout < 0 || t < timeout {
+				timeout = t
+			}
 		}
 		n, err := unix.EpollWait(p.epfd, events, timeout)
 		if err != nil && !errors.Is(err, unix.EINTR) {
@@ -215,39 +293,49 @@ func (p *sockmapPlane) Serve(accept, stop context.Context, ln *net.TCPListener) 
 			p.onTick(now)
 			nextTick = now.Add(p.tick)
 		}
-		if p.lnfd >= 0 && !p.acceptPausedUntil.IsZero() {
-			if time.Now().After(p.acceptPausedUntil) {
-				p.acceptPausedUntil = time.Time{}
-				if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, unix.EPOLLIN); err != nil {
-					return err
-				}
-			} else if len(p.conns) == 0 {
-				// Nothing else wakes the loop: sleep out the pause.
-				time.Sleep(time.Until(p.acceptPausedUntil))
+		if p.lnfd >= 0 && !p.acceptPausedUntil.IsZero() && !time.Now().Before(p.acceptPausedUntil) {
+			p.acceptPausedUntil = time.Time{}
+			if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, p.lnEvents); err != nil {
+				return err
 			}
 		}
 	}
 }
 
-// dupListener takes the listening socket out of the Go runtime's poller so
-// this loop alone accepts on it.
-func dupListener(ln *net.TCPListener) (int, error) {
+// millisUntil is an epoll timeout reaching t, rounded up: rounding down
+// would wake the loop early and spin until t.
+func millisUntil(t time.Time) int {
+	return max(int((time.Until(t)+time.Millisecond-1)/time.Millisecond), 0)
+}
+
+// dupListener takes the listening socket out of the Go runtime's poller:
+// n descriptors of it, one per loop, and ln is closed.
+func dupListener(ln *net.TCPListener, n int) ([]int, error) {
 	raw, err := ln.SyscallConn()
 	if err != nil {
-		return -1, fmt.Errorf("listener fd: %w", err)
+		return nil, fmt.Errorf("listener fd: %w", err)
 	}
-	fd := -1
+	var fds []int
 	var dupErr error
 	if err := raw.Control(func(s uintptr) {
-		fd, dupErr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+		for range n {
+			fd, err := unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+			if err != nil {
+				dupErr = err
+				return
+			}
+			fds = append(fds, fd)
+		}
 	}); err != nil {
-		return -1, fmt.Errorf("listener fd: %w", err)
+		closeAll(fds)
+		return nil, fmt.Errorf("listener fd: %w", err)
 	}
 	if dupErr != nil {
-		return -1, fmt.Errorf("dup listener: %w", dupErr)
+		closeAll(fds)
+		return nil, fmt.Errorf("dup listener: %w", dupErr)
 	}
 	ln.Close()
-	return fd, nil
+	return fds, nil
 }
 
 func (p *sockmapPlane) epollCtl(op, fd int, events uint32) error {
@@ -353,7 +441,7 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 	c.backend = endpoint{conn: c, fd: -1, base: 1}
 	c.client.peer, c.backend.peer = &c.backend, &c.client
 	p.conns[c] = struct{}{}
-	p.active.Add(1)
+	p.counters.active.Add(1)
 	p.track(&c.client)
 	p.dial(c)
 }
@@ -486,8 +574,8 @@ func (p *sockmapPlane) pair(c *smConn) error {
 	} else {
 		c.mapSockets, c.mapPairings = 2, 2
 	}
-	p.pairedSockets.Add(c.mapSockets)
-	p.pairings.Add(c.mapPairings)
+	p.counters.pairedSockets.Add(c.mapSockets)
+	p.counters.pairings.Add(c.mapPairings)
 	c.paired = true
 	if err := p.epollCtl(unix.EPOLL_CTL_MOD, c.backend.fd, epollIn); err != nil {
 		return err
@@ -897,7 +985,7 @@ func (p *sockmapPlane) pauseBacklog() uint64 {
 	if p.env.bufferBudget == 0 {
 		return p.maxPauseBacklog
 	}
-	share := p.env.bufferBudget / uint64(max(2*len(p.conns), 1))
+	share := p.env.bufferBudget / uint64(max(2*p.counters.active.Load(), 1))
 	return min(max(share, minPauseBacklog), p.maxPauseBacklog)
 }
 
@@ -992,9 +1080,9 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 		return
 	}
 	delete(p.conns, c)
-	p.active.Add(-1)
-	p.pairedSockets.Add(-c.mapSockets)
-	p.pairings.Add(-c.mapPairings)
+	p.counters.active.Add(-1)
+	p.counters.pairedSockets.Add(-c.mapSockets)
+	p.counters.pairings.Add(-c.mapPairings)
 	if c.paired {
 		if err := p.maps.Unpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie}); err != nil {
 			p.env.log.Error("unpair failed", "client", c.clientAddr, "err", err)
@@ -1102,9 +1190,4 @@ func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
 	}
 	return netip.AddrPort{}
-}
-
-// KernelBytes is what the verdict redirected for one backend.
-func (p *sockmapPlane) KernelBytes(backend uint32) (toBackend, toClient uint64, err error) {
-	return p.maps.BackendBytes(backend)
 }

@@ -147,6 +147,7 @@ type limitSettings struct {
 	healthIntervalSecs, healthTimeoutMS, healthFall, healthRise int
 	connectRetries, clientMaxConns, clientRate, maxConns        int
 	keepaliveSecs, idleTimeoutSecs, maxBufferedMB, stallSecs    int
+	workers                                                     int
 }
 
 type intSetting struct {
@@ -179,6 +180,7 @@ func (l *limitSettings) table() []intSetting {
 		{"idle-timeout-secs", "EDGEPROXY_IDLE_TIMEOUT_SECS", "close a connection idle both ways this long; 0 disables", 0, 0, 30 * day, &l.idleTimeoutSecs},
 		{"max-buffered-mb", "EDGEPROXY_MAX_BUFFERED_MB", "MiB all connections may park in kernel queues before directions pause", 64, 1, 1 << 20, &l.maxBufferedMB},
 		{"stall-timeout-secs", "EDGEPROXY_STALL_TIMEOUT_SECS", "reset a direction that made no progress this long; 0 disables", 300, 0, 30 * day, &l.stallSecs},
+		{"workers", "EDGEPROXY_WORKERS", "event loops of the sockmap plane; 0: one per CPU the process may run on", 0, 0, 1024, &l.workers},
 	}
 }
 
@@ -223,6 +225,7 @@ func (l *limitSettings) apply(cfg *userspace.Config) {
 	cfg.IdleTimeout = secs(l.idleTimeoutSecs)
 	cfg.MaxBufferedMB = l.maxBufferedMB
 	cfg.StallTimeout = secs(l.stallSecs)
+	cfg.Workers = l.workers
 }
 
 // healthWorkers bounds the health probes in flight at once.
