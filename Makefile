@@ -36,7 +36,7 @@ test: deps
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 test-unit:
-	$(GO) test -count=1 ./routing/ ./loader/ ./userspace/ ./cmd/...
+	$(GO) test -count=1 ./routing/ ./loader/ ./userspace/ ./overlay/ ./cmd/...
 
 demo: deps build
 	bash scripts/demo.sh
@@ -47,9 +47,10 @@ bench: build
 	bash scripts/bench-routing.sh
 	bash scripts/bench.sh
 
-# gofmt, vet, staticcheck and the import boundaries of DESIGN.md.
+# gofmt, a tidy go.mod, vet, staticcheck and the import boundaries of DESIGN.md.
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit the result" >&2; exit 1; }
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 	bash scripts/check-boundaries.sh

@@ -120,7 +120,7 @@ func TestLoadPopsSkipsBadRowsNamingThem(t *testing.T) {
 		{"endpoint IPv6 without brackets", with(good("e4", 15, "10.50.0.15"), 3, "2001:db8::1:51820"), "endpoint", "IPv6 address in brackets"},
 		{"deleted not a number", with(good("d1", 12, "10.50.0.12"), 6, "yes"), "deleted", "must be an integer"},
 		// The rule of the backends table: a fraction is a typo, not a
-		// deletion (wgmesh's own reader used to delete this peer).
+		// deletion (the overlay's own reader used to delete this peer).
 		{"deleted a fraction", with(good("d2", 16, "10.50.0.16"), 6, 0.5), "deleted", "must be an integer"},
 		{"id longer than the BPF id field", good(long, 17, "10.50.0.17"), "id", "at most 47 fit"},
 		{"id not valid UTF-8", good("bad\xff", 18, "10.50.0.18"), "id", "must be valid UTF-8"},

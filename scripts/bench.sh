@@ -10,7 +10,7 @@
 # BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (4), BENCH_CONTENDERS
 # (direct,edgeproxy-sockmap,edgeproxy-splice,haproxy), BENCH_KEEP_LOGS=1 keeps
 # the proxies' logs. Regenerate the report from the JSON alone with
-# `go run ./scripts/bench report`.
+# `go run ./internal/bench report`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -77,7 +77,7 @@ if grep -q '^build:' Makefile 2>/dev/null; then
 else
 	"$GO" build -o bin/edgeproxy ./cmd/edgeproxy
 fi
-"$GO" build -o "$tmp/bench" ./scripts/bench
+"$GO" build -o "$tmp/bench" ./internal/bench
 
 # Run in the background so the traps above fire on INT/TERM while it runs.
 "$tmp/bench" run -edgeproxy bin/edgeproxy -out docs &

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The import rules of DESIGN.md, enforced: only loader/ imports cilium/ebpf,
-# and routing/ stays free of sockets, syscalls and BPF.
+# routing/ stays free of sockets, syscalls and BPF, and overlay/ and
+# userspace/ stay apart (overlay/ reaches the project only through routing/).
 set -euo pipefail
 mod=$(go list -m)
 fail=0
@@ -18,4 +19,18 @@ for imp in $(go list -f '{{join .Imports "\n"}}' "$mod/routing"); do
 		;;
 	esac
 done
+# overlay/ and everything it pulls in from this module: routing/ only.
+for dep in $(go list -deps "$mod/overlay" | grep "^$mod/"); do
+	case "$dep" in
+	"$mod/overlay" | "$mod/routing") ;;
+	*)
+		echo "boundary: $mod/overlay depends on $dep; overlay may import only $mod/routing from this module" >&2
+		fail=1
+		;;
+	esac
+done
+if go list -deps "$mod/userspace" | grep -qx "$mod/overlay"; then
+	echo "boundary: $mod/userspace depends on $mod/overlay; only cmd/ wires the two together" >&2
+	fail=1
+fi
 exit $fail

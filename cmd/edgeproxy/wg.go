@@ -10,8 +10,8 @@ import (
 	"strconv"
 	"sync"
 
+	"github.com/edgeproxy/edgeproxy/overlay"
 	"github.com/edgeproxy/edgeproxy/routing"
-	"github.com/edgeproxy/edgeproxy/userspace/wgmesh"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 )
@@ -27,7 +27,7 @@ var hostname = os.Hostname
 // EDGEPROXY_WG_PRIVATE_KEY_FILE while the interface is left at its default
 // (so a POP that never heard of the overlay runs as before). Naming an
 // interface without a key, or a key without an address, is an error.
-func wgSettingsFromEnv(e env) (s wgmesh.Settings, on bool, err error) {
+func wgSettingsFromEnv(e env) (s overlay.Settings, on bool, err error) {
 	s.Interface = e.str("EDGEPROXY_WG_INTERFACE", defaultWGInterface)
 	if s.Interface == "" {
 		return s, false, nil
@@ -64,9 +64,9 @@ func wgSettingsFromEnv(e env) (s wgmesh.Settings, on bool, err error) {
 	return s, true, nil
 }
 
-// overlay is the WireGuard mesh as `edgeproxy run` drives it. Every field
+// overlayRun is the WireGuard mesh as `edgeproxy run` drives it. Every field
 // is safe to use when the overlay is off (On false): the funcs do nothing.
-type overlay struct {
+type overlayRun struct {
 	// On reports that the overlay runs.
 	On bool
 	// LoadOptions are the overlay's part of the routing store's options:
@@ -90,13 +90,13 @@ type overlay struct {
 // behind the overlay answer from the first connection. Later changes arrive
 // through OnTable, from the routing store's one watcher. An error leaves
 // nothing behind.
-func startOverlay(e env, dbPath string, log *slog.Logger) (overlay, error) {
-	off := overlay{OnTable: func(*routing.Table) {}, Close: func() {}}
+func startOverlay(e env, dbPath string, log *slog.Logger) (overlayRun, error) {
+	off := overlayRun{OnTable: func(*routing.Table) {}, Close: func() {}}
 	s, on, err := wgSettingsFromEnv(e)
 	if err != nil || !on {
 		return off, err
 	}
-	mesh, err := wgmesh.Open(s, log)
+	mesh, err := overlay.Open(s, log)
 	if err != nil {
 		return off, err
 	}
@@ -108,11 +108,11 @@ func startOverlay(e env, dbPath string, log *slog.Logger) (overlay, error) {
 	} else if err := mesh.Apply(t); err != nil {
 		log.Warn("wireguard reconcile incomplete", "interface", s.Interface, "err", err)
 	}
-	return overlay{
+	return overlayRun{
 		On:          true,
 		LoadOptions: opts,
 		OnTable:     applyLogged(mesh.Apply, s.Interface, log),
-		Collector:   wgmesh.NewCollector(mesh),
+		Collector:   overlay.NewCollector(mesh),
 		Close: func() {
 			if err := mesh.Close(); err != nil {
 				log.Warn("wireguard overlay close failed", "interface", s.Interface, "err", err)
@@ -169,7 +169,7 @@ func newWGKeygenCommand() *cobra.Command {
 			if out == "" {
 				return errors.New("--out FILE is required")
 			}
-			key, err := wgmesh.WriteKeyFile(out, force)
+			key, err := overlay.WriteKeyFile(out, force)
 			if err != nil {
 				return err
 			}
@@ -210,14 +210,14 @@ func newWGStatusCommand(e env) *cobra.Command {
 				_, explicit = e.lookup("EDGEPROXY_DB_PATH")
 				dbPath = e.str("EDGEPROXY_DB_PATH", "routing.db")
 			}
-			var pops []wgmesh.Pop
+			var pops []overlay.Pop
 			if _, err := os.Stat(dbPath); err == nil || explicit {
 				var err error
-				if pops, _, err = wgmesh.LoadPops(dbPath); err != nil {
+				if pops, _, err = overlay.LoadPops(dbPath); err != nil {
 					return err
 				}
 			}
-			st, err := wgmesh.ReadStatus(iface, pops)
+			st, err := overlay.ReadStatus(iface, pops)
 			if err != nil {
 				return err
 			}
@@ -226,7 +226,7 @@ func newWGStatusCommand(e env) *cobra.Command {
 				enc.SetIndent("", "  ")
 				return enc.Encode(st)
 			}
-			return wgmesh.WriteTable(cmd.OutOrStdout(), st)
+			return overlay.WriteTable(cmd.OutOrStdout(), st)
 		},
 	}
 	f := cmd.Flags()

@@ -14,8 +14,8 @@ import (
 	"testing"
 
 	"github.com/edgeproxy/edgeproxy/internal/nettest"
+	"github.com/edgeproxy/edgeproxy/overlay"
 	"github.com/edgeproxy/edgeproxy/routing"
-	"github.com/edgeproxy/edgeproxy/userspace/wgmesh"
 )
 
 func mapEnv(m map[string]string) env {
@@ -88,7 +88,7 @@ func TestStartOverlayFollowsTables(t *testing.T) {
 	ns := nettest.NewNS(t, "wgo")
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "key")
-	priv, err := wgmesh.WriteKeyFile(keyFile, false)
+	priv, err := overlay.WriteKeyFile(keyFile, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestStartOverlayFollowsTables(t *testing.T) {
 		"EDGEPROXY_POP_ID":              "me",
 	}
 	logs := &syncBuffer{}
-	var ov overlay
+	var ov overlayRun
 	if err := ns.Do(func() (err error) {
 		ov, err = startOverlay(mapEnv(vars), dbPath, slog.New(slog.NewTextHandler(logs, nil)))
 		return err
@@ -142,7 +142,7 @@ func TestStartOverlayFollowsTables(t *testing.T) {
 	peers := func() []string {
 		var ids []string
 		if err := ns.Do(func() error {
-			st, err := wgmesh.ReadStatus(iface, nil)
+			st, err := overlay.ReadStatus(iface, nil)
 			for _, p := range st.Peers {
 				ids = append(ids, p.PublicKey)
 			}

@@ -22,11 +22,11 @@ import (
 	"time"
 
 	"github.com/edgeproxy/edgeproxy/internal/nettest"
-	"github.com/edgeproxy/edgeproxy/userspace/wgmesh"
+	"github.com/edgeproxy/edgeproxy/overlay"
 )
 
 // popAOverlayInBinary says who runs POP A's end of the tunnel: false, the
-// test process (wgmesh.Open inside POP A's namespace, Reconcile called by
+// test process (overlay.Open inside POP A's namespace, Reconcile called by
 // the test); true, the edgeproxy binary under test, from the EDGEPROXY_WG_*
 // environment, reconciling on its own reloads. Flip it once `edgeproxy run`
 // opens the mesh; nothing else in the test changes.
@@ -97,11 +97,11 @@ func wgIfaceName(role string) string {
 
 // openMesh runs the overlay end of a POP from the test process, inside ns,
 // and closes it at cleanup.
-func openMesh(t *testing.T, ns *nettest.NS, s wgmesh.Settings, logs io.Writer) *wgmesh.Mesh {
+func openMesh(t *testing.T, ns *nettest.NS, s overlay.Settings, logs io.Writer) *overlay.Mesh {
 	t.Helper()
-	var m *wgmesh.Mesh
+	var m *overlay.Mesh
 	err := ns.Do(func() (err error) {
-		m, err = wgmesh.Open(s, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+		m, err = overlay.Open(s, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		return err
 	})
 	if err != nil {
@@ -117,16 +117,16 @@ func openMesh(t *testing.T, ns *nettest.NS, s wgmesh.Settings, logs io.Writer) *
 
 // peersIn reads iface's peers from inside ns (a kernel device is only
 // visible there; a userspace one answers on its socket from anywhere).
-func peersIn(t *testing.T, ns *nettest.NS, iface string, pops []wgmesh.Pop) map[string]wgmesh.PeerStatus {
+func peersIn(t *testing.T, ns *nettest.NS, iface string, pops []overlay.Pop) map[string]overlay.PeerStatus {
 	t.Helper()
-	var st wgmesh.Status
+	var st overlay.Status
 	if err := ns.Do(func() (err error) {
-		st, err = wgmesh.ReadStatus(iface, pops)
+		st, err = overlay.ReadStatus(iface, pops)
 		return err
 	}); err != nil {
 		t.Fatalf("read %s in %s: %v", iface, ns.Name, err)
 	}
-	peers := map[string]wgmesh.PeerStatus{}
+	peers := map[string]overlay.PeerStatus{}
 	for _, p := range st.Peers {
 		peers[p.Name()] = p
 	}
@@ -134,7 +134,7 @@ func peersIn(t *testing.T, ns *nettest.NS, iface string, pops []wgmesh.Pop) map[
 }
 
 // waitPeers polls until cond holds for iface's peers, at most bound.
-func waitPeers(t *testing.T, ns *nettest.NS, iface string, pops []wgmesh.Pop, bound time.Duration, what string, cond func(map[string]wgmesh.PeerStatus) bool) map[string]wgmesh.PeerStatus {
+func waitPeers(t *testing.T, ns *nettest.NS, iface string, pops []overlay.Pop, bound time.Duration, what string, cond func(map[string]overlay.PeerStatus) bool) map[string]overlay.PeerStatus {
 	t.Helper()
 	deadline := time.Now().Add(bound)
 	for {
@@ -235,19 +235,19 @@ func TestWireGuardOverlay(t *testing.T) {
 
 	dir := t.TempDir()
 	keyA, keyB := filepath.Join(dir, "pop-a.key"), filepath.Join(dir, "pop-b.key")
-	privA, err := wgmesh.WriteKeyFile(keyA, false)
+	privA, err := overlay.WriteKeyFile(keyA, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	privB, err := wgmesh.WriteKeyFile(keyB, false)
+	privB, err := overlay.WriteKeyFile(keyB, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ifaceA, ifaceB := wgIfaceName("a"), wgIfaceName("b")
 	rowA := wgPop{"pop-a", privA.PublicKey().String(), net.JoinHostPort(underlayA, strconv.Itoa(wgPort)), overlayA, overlayA + "/32"}
 	rowB := wgPop{"pop-b", privB.PublicKey().String(), net.JoinHostPort(underlayB, strconv.Itoa(wgPort)), overlayB, overlayB + "/32," + backendNet}
-	settingsA := wgmesh.Settings{Interface: ifaceA, PrivateKeyFile: keyA, ListenPort: wgPort, Address: netip.MustParsePrefix(overlayA + "/16"), PopID: "pop-a"}
-	settingsB := wgmesh.Settings{Interface: ifaceB, PrivateKeyFile: keyB, ListenPort: wgPort, Address: netip.MustParsePrefix(overlayB + "/16"), PopID: "pop-b"}
+	settingsA := overlay.Settings{Interface: ifaceA, PrivateKeyFile: keyA, ListenPort: wgPort, Address: netip.MustParsePrefix(overlayA + "/16"), PopID: "pop-a"}
+	settingsB := overlay.Settings{Interface: ifaceB, PrivateKeyFile: keyB, ListenPort: wgPort, Address: netip.MustParsePrefix(overlayB + "/16"), PopID: "pop-b"}
 
 	meshLogs := &syncBuffer{}
 	t.Cleanup(func() {
@@ -277,14 +277,14 @@ func TestWireGuardOverlay(t *testing.T) {
 
 	// setPops writes the table and applies it on both ends: POP B from the
 	// test; POP A from the test too, or by the binary's own reload.
-	var meshA *wgmesh.Mesh
+	var meshA *overlay.Mesh
 	if !popAOverlayInBinary {
 		meshA = openMesh(t, popA, settingsA, meshLogs)
 	}
-	setPops := func(rows ...wgPop) []wgmesh.Pop {
+	setPops := func(rows ...wgPop) []overlay.Pop {
 		t.Helper()
 		writePops(t, db, rows)
-		pops, rowErrs, err := wgmesh.LoadPops(db)
+		pops, rowErrs, err := overlay.LoadPops(db)
 		if err != nil || len(rowErrs) > 0 {
 			t.Fatalf("load pops: %v %v", err, rowErrs)
 		}
@@ -306,7 +306,7 @@ func TestWireGuardOverlay(t *testing.T) {
 	}
 
 	pops := setPops(rowA, rowB)
-	waitPeers(t, popA, ifaceA, pops, bound, "POP A has POP B as a peer", func(p map[string]wgmesh.PeerStatus) bool {
+	waitPeers(t, popA, ifaceA, pops, bound, "POP A has POP B as a peer", func(p map[string]overlay.PeerStatus) bool {
 		b, ok := p["pop-b"]
 		return ok && b.Endpoint == rowB.endpoint
 	})
@@ -333,7 +333,7 @@ func TestWireGuardOverlay(t *testing.T) {
 	// connection opened before still carries bytes.
 	rowC := wgPop{"pop-c", publicKeyOnly(t), "192.168.77.3:51820", "10.50.3.1", "10.50.3.1/32"}
 	pops = setPops(rowA, rowB, rowC)
-	peersA = waitPeers(t, popA, ifaceA, pops, bound, "POP A adds pop-c", func(p map[string]wgmesh.PeerStatus) bool {
+	peersA = waitPeers(t, popA, ifaceA, pops, bound, "POP A adds pop-c", func(p map[string]overlay.PeerStatus) bool {
 		_, ok := p["pop-c"]
 		return ok
 	})
@@ -347,7 +347,7 @@ func TestWireGuardOverlay(t *testing.T) {
 	// has pop-b, so a leftover shows as "pop-b" rather than as a bare key.
 	withB := pops
 	setPops(rowA, rowC)
-	waitPeers(t, popA, ifaceA, withB, bound, "POP A drops pop-b", func(p map[string]wgmesh.PeerStatus) bool {
+	waitPeers(t, popA, ifaceA, withB, bound, "POP A drops pop-b", func(p map[string]overlay.PeerStatus) bool {
 		_, b := p["pop-b"]
 		_, c := p["pop-c"]
 		return !b && c
@@ -393,7 +393,7 @@ func checkWGStatusCommand(t *testing.T, ns *nettest.NS, iface, db string) {
 	if err != nil {
 		t.Fatalf("edgeproxy wg status: %v\n%s", err, out)
 	}
-	var st wgmesh.Status
+	var st overlay.Status
 	if err := json.Unmarshal(out, &st); err != nil {
 		t.Fatalf("wg status --json: %v\n%s", err, out)
 	}
@@ -409,7 +409,7 @@ func checkWGStatusCommand(t *testing.T, ns *nettest.NS, iface, db string) {
 // peer that exists only in the table.
 func publicKeyOnly(t *testing.T) string {
 	t.Helper()
-	k, err := wgmesh.WriteKeyFile(filepath.Join(t.TempDir(), "unused.key"), false)
+	k, err := overlay.WriteKeyFile(filepath.Join(t.TempDir(), "unused.key"), false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package wgmesh
+package overlay
 
 import (
 	"bytes"

@@ -47,6 +47,9 @@ type bench struct {
 	server    *proc
 	cs        map[string]*contender
 	res       *Results
+
+	// deleteNetns removes the testbed setupNetns built; nil before.
+	deleteNetns func() error
 }
 
 type contender struct {
@@ -323,46 +326,6 @@ func (b *bench) measure() error {
 	return nil
 }
 
-func (b *bench) setupNetns() error {
-	ctx := b.ctx
-	steps := [][]string{
-		{"ip", "netns", "add", b.nsC},
-		{"ip", "netns", "add", b.nsP},
-		{"ip", "netns", "add", b.nsB},
-		{"ip", "-n", b.nsC, "link", "set", "lo", "up"},
-		{"ip", "-n", b.nsP, "link", "set", "lo", "up"},
-		{"ip", "-n", b.nsB, "link", "set", "lo", "up"},
-		{"ip", "-n", b.nsC, "link", "add", "eth0", "type", "veth", "peer", "name", "c0", "netns", b.nsP},
-		{"ip", "-n", b.nsP, "link", "add", "b0", "type", "veth", "peer", "name", "eth0", "netns", b.nsB},
-		{"ip", "-n", b.nsC, "addr", "add", clientIP + "/24", "dev", "eth0"},
-		{"ip", "-n", b.nsP, "addr", "add", proxyIPC + "/24", "dev", "c0"},
-		{"ip", "-n", b.nsP, "addr", "add", proxyIPB + "/24", "dev", "b0"},
-		{"ip", "-n", b.nsB, "addr", "add", backendIP + "/24", "dev", "eth0"},
-		{"ip", "-n", b.nsC, "link", "set", "eth0", "up"},
-		{"ip", "-n", b.nsP, "link", "set", "c0", "up"},
-		{"ip", "-n", b.nsP, "link", "set", "b0", "up"},
-		{"ip", "-n", b.nsB, "link", "set", "eth0", "up"},
-		{"ip", "-n", b.nsC, "route", "add", "default", "via", proxyIPC},
-		{"ip", "-n", b.nsB, "route", "add", "default", "via", proxyIPB},
-		nsArgv(b.nsP, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"),
-	}
-	// Connection-rate runs make tens of thousands of connections: widen
-	// the ephemeral range and let connect() reuse TIME_WAIT ports, the
-	// same for every contender.
-	for _, ns := range []string{b.nsC, b.nsP} {
-		steps = append(steps,
-			nsArgv(ns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"),
-			nsArgv(ns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
-	}
-	for _, s := range steps {
-		if _, err := run(ctx, s...); err != nil {
-			return err
-		}
-	}
-	b.logf("testbed up: %s (%s) <-> %s (%s | %s) <-> %s (%s)", b.nsC, clientIP, b.nsP, proxyIPC, proxyIPB, b.nsB, backendIP)
-	return nil
-}
-
 func (b *bench) teardown() {
 	for _, c := range b.cs {
 		if c.p != nil {
@@ -375,13 +338,9 @@ func (b *bench) teardown() {
 	if b.server != nil {
 		b.server.stop(2 * time.Second)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	for _, ns := range []string{b.nsC, b.nsP, b.nsB} {
-		if _, err := os.Stat("/run/netns/" + ns); err == nil {
-			if _, err := run(ctx, "ip", "netns", "del", ns); err != nil {
-				b.logf("cleanup: %v", err)
-			}
+	if b.deleteNetns != nil {
+		if err := b.deleteNetns(); err != nil {
+			b.logf("cleanup: %v", err)
 		}
 	}
 	if os.Getenv("BENCH_KEEP_LOGS") == "" {

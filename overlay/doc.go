@@ -1,4 +1,4 @@
-// Package wgmesh builds and keeps the WireGuard overlay between POPs from the
+// Package overlay builds and keeps the WireGuard overlay between POPs from the
 // pops table of routing.db.
 //
 // The pieces:
@@ -20,4 +20,4 @@
 //
 // The mesh touches only its own interface and the routes it marked as its
 // own (protocol [RouteProtocol]).
-package wgmesh
+package overlay

@@ -1,8 +1,8 @@
 // Command bench measures edgeproxy beside a direct path and HAProxy in a
 // three-namespace testbed (client, proxy, backend joined by veth).
 //
-//	go run ./scripts/bench run     # as root: build the testbed, measure, write docs/
-//	go run ./scripts/bench report  # regenerate docs/benchmarks.md and the chart from the JSON
+//	go run ./internal/bench run     # as root: build the testbed, measure, write docs/
+//	go run ./internal/bench report  # regenerate docs/benchmarks.md and the chart from the JSON
 //
 // The same binary is re-executed inside the namespaces (through nsenter) as
 // the backend server ("serve") and as the load generator ("client").

@@ -1,6 +1,6 @@
 //go:build linux
 
-package wgmesh
+package overlay
 
 import (
 	"bytes"
