@@ -79,8 +79,11 @@ type Status struct {
 	Verdicts         map[string]uint64 `json:"verdicts,omitempty"`
 	// Panic is true while checks hold every backend down and routing
 	// uses all of them anyway.
-	Panic    bool            `json:"panic"`
-	MaxConns int64           `json:"max_conns"`
+	Panic    bool  `json:"panic"`
+	MaxConns int64 `json:"max_conns"`
+	// Workers is the number of event loops; Accepted what each accepted.
+	Workers  int             `json:"workers"`
+	Accepted []uint64        `json:"accepted_per_worker,omitempty"`
 	Backends []BackendStatus `json:"backends"`
 }
 
@@ -125,6 +128,8 @@ func (p *Proxy) Status() Status {
 		Bindings:        p.balancer.Bindings(),
 		Panic:           p.balancer.Panicking(),
 		MaxConns:        p.admission.maxConns,
+		Workers:         p.workers(),
+		Accepted:        plane.Accepted,
 	}
 	st.LastReloadResult = "ok"
 	if err != nil {

@@ -27,6 +27,9 @@ type PlaneStats struct {
 	Verdicts map[string]uint64 // sockmap only: verdict counts by reason
 	Sockets  int               // sockmap only: sockhash entries
 	Pairings int               // sockmap only: pairing entries
+	// Accepted is how many connections each event loop has accepted
+	// (sockmap only), so an operator sees the loops share the work.
+	Accepted []uint64
 }
 
 // planeEnv is what both planes share: the decision, the dial timeout, the

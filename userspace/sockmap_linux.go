@@ -40,6 +40,7 @@ type sockmapPlane struct {
 	conns              map[*smConn]struct{}
 	buf                []byte
 	counters           *sockmapCounters // shared by every loop
+	accepted atomic.Uint64 // connections this loop accepted
 	// lnEvents is how the listener is registered: EPOLLEXCLUSIVE when
 	// several loops wait on it, so one connection wakes one loop.
 	lnEvents uint32
@@ -174,6 +175,9 @@ func (l *sockmapLoops) Stats() PlaneStats {
 	}
 	if v, err := l.maps.Verdicts(); err == nil {
 		st.Verdicts = v
+	}
+	for _, loop := range l.loops {
+		st.Accepted = append(st.Accepted, loop.accepted.Load())
 	}
 	return st
 }
@@ -393,6 +397,7 @@ func (p *sockmapPlane) acceptRun() {
 		fd, sa, err := unix.Accept4(p.lnfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		switch {
 		case err == nil:
+			p.accepted.Add(1)
 			p.startConn(fd, sa)
 		case errors.Is(err, unix.EAGAIN):
 			return

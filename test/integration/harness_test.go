@@ -341,6 +341,8 @@ func adminGet(ns *nettest.NS, path string) (int, []byte, error) {
 type adminStatus struct {
 	Panic    bool              `json:"panic"`
 	Active   int               `json:"active"`
+	Workers  int               `json:"workers"`
+	Accepted []uint64          `json:"accepted_per_worker"`
 	Rejected map[string]uint64 `json:"rejected"`
 	Backends []adminBackend    `json:"backends"`
 }
