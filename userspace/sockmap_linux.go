@@ -40,7 +40,7 @@ type sockmapPlane struct {
 	conns              map[*smConn]struct{}
 	buf                []byte
 	counters           *sockmapCounters // shared by every loop
-	accepted atomic.Uint64 // connections this loop accepted
+	accepted           atomic.Uint64    // connections this loop accepted
 	// lnEvents is how the listener is registered: EPOLLEXCLUSIVE when
 	// several loops wait on it, so one connection wakes one loop.
 	lnEvents uint32
