@@ -8,7 +8,8 @@
 #
 # Environment: BENCH_ROUNDS (5), BENCH_SECS (5), BENCH_PINGS (20000),
 # BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (4), BENCH_CONTENDERS
-# (direct,edgeproxy-sockmap,edgeproxy-splice,haproxy), BENCH_KEEP_LOGS=1 keeps
+# (direct,edgeproxy-sockmap,edgeproxy-splice,haproxy), BENCH_EDGEPROXY_ENV
+# (settings under test, e.g. "EDGEPROXY_WORKERS=1"), BENCH_KEEP_LOGS=1 keeps
 # the proxies' logs. Regenerate the report from the JSON alone with
 # `go run ./internal/bench report`.
 set -euo pipefail

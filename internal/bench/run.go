@@ -217,7 +217,7 @@ func runMain(args []string) error {
 
 func commandLine() string {
 	var over []string
-	for _, v := range []string{"BENCH_ROUNDS", "BENCH_SECS", "BENCH_PINGS", "BENCH_IDLE_CONNS", "BENCH_CONN_WORKERS", "BENCH_CONTENDERS", "BENCH_WORKLOADS"} {
+	for _, v := range []string{"BENCH_ROUNDS", "BENCH_SECS", "BENCH_PINGS", "BENCH_IDLE_CONNS", "BENCH_CONN_WORKERS", "BENCH_CONTENDERS", "BENCH_WORKLOADS", "BENCH_EDGEPROXY_ENV"} {
 		if s := os.Getenv(v); s != "" {
 			over = append(over, v+"="+s)
 		}
@@ -387,7 +387,8 @@ listen bench
 }
 
 // epEnv is the environment of an edgeproxy run: ours without EDGEPROXY_*
-// and DEBUG, plus the bench's settings.
+// and DEBUG, plus the bench's settings, plus BENCH_EDGEPROXY_ENV (settings
+// under test, e.g. "EDGEPROXY_WORKERS=1"), which win.
 func (b *bench) epEnv(c *contender) []string {
 	var env []string
 	for _, e := range os.Environ() {
@@ -396,7 +397,7 @@ func (b *bench) epEnv(c *contender) []string {
 		}
 		env = append(env, e)
 	}
-	return append(env,
+	return append(append(env,
 		fmt.Sprintf("EDGEPROXY_LISTEN_ADDR=0.0.0.0:%d", c.port),
 		"EDGEPROXY_DB_PATH="+filepath.Join(b.tmp, "routing.db"),
 		"EDGEPROXY_DATAPLANE="+c.plane,
@@ -405,7 +406,9 @@ func (b *bench) epEnv(c *contender) []string {
 		"EDGEPROXY_WG_INTERFACE=",
 		// One client address opens every connection of the benchmark.
 		"EDGEPROXY_CLIENT_MAX_CONNS=0",
-	)
+		// Health checks would add connections to the backend under test.
+		"EDGEPROXY_HEALTH_INTERVAL_SECS=0",
+	), strings.Fields(os.Getenv("BENCH_EDGEPROXY_ENV"))...)
 }
 
 func edgeproxyWarn(line string) bool {
