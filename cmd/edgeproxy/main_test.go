@@ -97,6 +97,13 @@ func TestErrorsAreOneLineWithCause(t *testing.T) {
 		{"bad data plane", nil, []string{"run", "--db", db, "--listen", "127.0.0.1:0", "--dataplane", "xdp"}, `data plane "xdp": must be auto, sockmap or splice`},
 		{"bad timeout variable", []string{"EDGEPROXY_CONNECT_TIMEOUT_MS=soon"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_CONNECT_TIMEOUT_MS="soon"`},
 		{"bad reload variable", []string{"EDGEPROXY_DB_RELOAD_SECS=-1"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_DB_RELOAD_SECS="-1"`},
+		{"health fall of zero", []string{"EDGEPROXY_HEALTH_FALL=0"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_HEALTH_FALL="0": want a whole number from 1 to 1000`},
+		{"negative keepalive", []string{"EDGEPROXY_KEEPALIVE_SECS=-5"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_KEEPALIVE_SECS="-5"`},
+		{"rate that is not a number", []string{"EDGEPROXY_CLIENT_RATE=fast"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_CLIENT_RATE="fast"`},
+		{"buffer budget of zero", []string{"EDGEPROXY_MAX_BUFFERED_MB=0"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_MAX_BUFFERED_MB="0"`},
+		{"too many workers", []string{"EDGEPROXY_WORKERS=5000"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_WORKERS="5000"`},
+		{"retries flag out of range", nil, append([]string{"run", "--db", db, "--connect-retries", "99"}, base...), `--connect-retries=99: want a whole number from 0 to 16`},
+		{"check timeout longer than its interval", []string{"EDGEPROXY_HEALTH_INTERVAL_SECS=1", "EDGEPROXY_HEALTH_TIMEOUT_MS=5000"}, append([]string{"run", "--db", db}, base...), `checks would overlap`},
 		{"echo backend without id", nil, []string{"echo-backend"}, "--id is required"},
 		{"unknown command", nil, []string{"serve"}, `unknown command "serve"`},
 	} {
