@@ -323,7 +323,7 @@ func TestWireGuardOverlay(t *testing.T) {
 	// the client before its goroutine, preempted on a busy machine, counts
 	// it: the counters catch up, they are not current when the echo is.
 	peersA := waitPeers(t, popA, ifaceA, pops, 2*time.Second, "POP A's peer pop-b has a handshake and >= 256 KiB each way after the exchange",
-		func(p map[string]wgmesh.PeerStatus) bool {
+		func(p map[string]overlay.PeerStatus) bool {
 			b := p["pop-b"]
 			return !b.HandshakeNever() && b.TxBytes >= 256<<10 && b.RxBytes >= 256<<10
 		})
