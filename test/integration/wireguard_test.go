@@ -314,6 +314,15 @@ func TestWireGuardOverlay(t *testing.T) {
 		return strings.Contains(r, "dev "+ifaceA) && strings.Contains(r, "src "+overlayA)
 	})
 
+	// Both ends are configured within a millisecond and both send a
+	// keepalive at once, so their handshake initiations can cross: one
+	// side then gets an invalid response and retries after WireGuard's
+	// REKEY_TIMEOUT (5 s, plus jitter). Wait for the tunnel rather than
+	// ask the first connection to beat that retry.
+	waitPeers(t, popA, ifaceA, pops, 12*time.Second, "POP A's peer pop-b has a handshake", func(p map[string]overlay.PeerStatus) bool {
+		return !p["pop-b"].HandshakeNever()
+	})
+
 	// A client through POP A's proxy reaches the backend behind POP B,
 	// byte-exact, and the bytes went through the tunnel.
 	held := greetAndEcho(t, client, "backend-b", 256<<10)
