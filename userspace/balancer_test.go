@@ -501,21 +501,6 @@ func TestSelfCheckFindsTheProxysOwnListener(t *testing.T) {
 	}
 }
 
-func TestBulkSendBufferSpansOneJiffyAtLineRate(t *testing.T) {
-	cases := []struct {
-		hz   int
-		want int
-	}{{100, 64 << 20}, {250, 32 << 20}, {300, 16 << 20}, {1000, 8 << 20}}
-	for _, tc := range cases {
-		if got := bulkSendBuffer(tc.hz); got != tc.want {
-			t.Errorf("HZ=%d: send buffer %d MiB, want %d MiB", tc.hz, got>>20, tc.want>>20)
-		}
-	}
-	if hz := kernelHZ(); hz < 100 || hz > 1000 {
-		t.Errorf("kernel HZ read as %d", hz)
-	}
-}
-
 func TestConnectBudgetSplitsOverBackendsThatCanBeTried(t *testing.T) {
 	lone, _, _, _ := newTestBalancer(t, backend("only", "BR", 1))
 	if got := mustAcquire(t, lone).AttemptsLeft(2); got != 1 {

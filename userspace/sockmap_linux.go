@@ -87,10 +87,7 @@ type endpoint struct {
 	clamp int
 	// rcvbuf is the receive buffer to restore once armed again, 0 when not
 	// shrunk: while paused, bytes wait in this socket's own queue.
-	rcvbuf int
-	// sndbuf is the send buffer this socket had before bulk into it
-	// raised it (sizeForBulk), 0 when not raised, -1 when it need not be.
-	sndbuf   int
+	rcvbuf   int
 	behind   int    // reads spent catching up since the direction was last armed
 	pending  []byte // read from this socket, not yet accepted by peer
 	lastSeen uint64 // count at the last backpressure check
@@ -960,7 +957,6 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	}
 	backlog := count - sent
 	if backlog+growth < p.pauseBacklog() {
-		p.sizeForBulk(src.peer, growth)
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -968,7 +964,6 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 			src.armed, src.paused = false, true
 			src.settled = s & loader.FlowCountMask
 			p.shrinkReceive(src)
-			p.unsizeForBulk(src.peer)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
 				"socket", src.side(), "backlog", backlog)
