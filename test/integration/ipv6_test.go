@@ -91,3 +91,48 @@ func TestIPv6ClientsAndBackends(t *testing.T) {
 		})
 	}
 }
+
+// A backend at an IPv6 link-local address is reachable only through the
+// interface its zone names: the row says fe80::…%dev, and both data planes
+// dial through that interface.
+func TestLinkLocalBackendWithZone(t *testing.T) {
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			topo := nettest.NewTopology(t)
+			linkLocal := usableLinkLocal(t, topo.Backend, topo.BackendDev)
+			// The proxy's end needs its own link-local address out of
+			// duplicate address detection before it can dial from it.
+			usableLinkLocal(t, topo.Proxy, topo.ProxyBackendDev)
+			nettest.Serve(t, topo.Backend, "[::]:9000", nettest.Greeter("ll"))
+			row := backendAt("ll", 9000)
+			row.Addr = linkLocal + "%" + topo.ProxyBackendDev
+			p := startProxy(t, topo.Proxy, plane, []backendRow{row})
+			if strings.Contains(p.logs.String(), "routing row skipped") {
+				t.Fatalf("the link-local row was skipped:\n%s", p.logs.String())
+			}
+			nettest.MustReach(t, topo.Client, proxyAddr, "ll")
+		})
+	}
+}
+
+// usableLinkLocal waits until dev in ns has a link-local address that
+// duplicate address detection no longer holds tentative, and returns it.
+func usableLinkLocal(t *testing.T, ns *nettest.NS, dev string) string {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := ns.Command("ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link", "-tentative").CombinedOutput()
+		if err != nil {
+			t.Fatalf("link-local address of %s: %v: %s", dev, err, out)
+		}
+		for _, f := range strings.Fields(string(out)) {
+			if strings.HasPrefix(f, "fe80:") {
+				return strings.SplitN(f, "/", 2)[0]
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no usable link-local address on %s after 5s: %s", dev, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
