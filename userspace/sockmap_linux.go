@@ -951,11 +951,17 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	// sender from overshooting its share by a tick's worth of bytes.
 	growth := count - src.lastSeen
 	src.lastSeen = count
-	sent, err := sentTo(src.peer)
-	if err != nil || sent > count {
+	// Everything the receiver has not acknowledged is parked here: the
+	// psock queue, and the peer socket's send queue behind it.
+	info, err := unix.GetsockoptTCPInfo(src.peer.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
 		return
 	}
-	backlog := count - sent
+	delivered := info.Bytes_acked - min(info.Bytes_acked, src.peer.base)
+	if delivered > count {
+		return
+	}
+	backlog := count - delivered
 	if backlog+growth < p.pauseBacklog() {
 		return
 	}
@@ -978,15 +984,18 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 // pause and fall back to userspace.
 const minPauseBacklog = 256 << 10
 
-// pauseBacklog is one direction's share of the buffer budget
-// (EDGEPROXY_MAX_BUFFERED_MB): with every direction at its share, all
-// connections together park at most the budget in psock queues.
+// pauseBacklog is where a direction pauses: half its share of the buffer
+// budget (EDGEPROXY_MAX_BUFFERED_MB, split over every direction open) in
+// bytes its receiver has not acknowledged. The other half is for what is
+// already on its way when the pause lands: the sender's open window into
+// the source socket's receive queue, a tick's growth. With every direction
+// paused, all connections together park about the budget.
 func (p *sockmapPlane) pauseBacklog() uint64 {
 	if p.env.bufferBudget == 0 {
 		return p.maxPauseBacklog
 	}
 	share := p.env.bufferBudget / uint64(max(2*p.counters.active.Load(), 1))
-	return min(max(share, minPauseBacklog), p.maxPauseBacklog)
+	return min(max(share/2, minPauseBacklog), p.maxPauseBacklog)
 }
 
 // sweep closes connections idle both ways for the idle timeout and resets

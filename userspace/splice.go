@@ -7,6 +7,9 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -116,6 +119,13 @@ func (p *splicePlane) handle(ctx context.Context, client *net.TCPConn, clientAdd
 		return
 	}
 	lease.Connected()
+	if limit := p.receiveLimit(); limit > 0 {
+		// Bytes a stopped reader's peer keeps sending park in the receive
+		// queue of the socket they arrive on: cap it at this connection's
+		// share of the buffer budget (the kernel doubles the value).
+		_ = client.SetReadBuffer(limit / 2)
+		_ = backend.SetReadBuffer(limit / 2)
+	}
 	sc := &spliceConn{client: client, backend: backend}
 	conns.add(sc)
 	defer conns.remove(sc)
@@ -168,6 +178,54 @@ func (p *splicePlane) dialWithRetries(ctx context.Context, clientAddr netip.Addr
 		*lease = next
 		p.env.logOpen("splice", clientAddr, next)
 	}
+}
+
+// minReceiveLimit keeps a capped receive buffer large enough for a LAN's
+// bandwidth-delay product.
+const minReceiveLimit = 256 << 10
+
+// receiveLimit is one direction's share of the buffer budget
+// (EDGEPROXY_MAX_BUFFERED_MB) for its receive queue, or 0
+// when the share is above what autotuning would reach anyway (tcp_rmem's
+// maximum): then the kernel's own tuning is kept. A direction's bytes wait
+// in the receive queue of the socket they arrive on while its reader is
+// slow, so with every connection at its share all of them park at most the
+// budget there.
+func (p *splicePlane) receiveLimit() int {
+	if p.env.bufferBudget == 0 {
+		return 0
+	}
+	share := p.env.bufferBudget / uint64(max(2*p.active.Load(), 1))
+	// A direction's bytes wait in two queues, the receive queue they
+	// arrive in and the send queue they leave by: half the share each.
+	limit := share / 2
+	if limit >= uint64(tcpRmemMax()) {
+		return 0
+	}
+	return int(max(limit, minReceiveLimit))
+}
+
+var (
+	tcpRmemOnce sync.Once
+	tcpRmemVal  int
+)
+
+// tcpRmemMax is the largest receive buffer autotuning gives a socket
+// (net.ipv4.tcp_rmem's third field); 6 MiB, Linux's default, when unread.
+func tcpRmemMax() int {
+	tcpRmemOnce.Do(func() {
+		tcpRmemVal = 6 << 20
+		b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_rmem")
+		if err != nil {
+			return
+		}
+		if f := strings.Fields(string(b)); len(f) == 3 {
+			if n, err := strconv.Atoi(f[2]); err == nil && n > 0 {
+				tcpRmemVal = n
+			}
+		}
+	})
+	return tcpRmemVal
 }
 
 // spliceBoth runs both copy loops until each direction has ended, then
