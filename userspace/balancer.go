@@ -45,6 +45,9 @@ type Lease struct {
 	// binding is written only once a dial succeeded (Connected).
 	lastUsed time.Time
 	hadEntry bool
+	// eligible is how many backends the table it was picked from allows,
+	// read under the lock that reserved it: no lock again per dial.
+	eligible int
 }
 
 // Connected records that the backend answered: it counts as a passing
@@ -245,12 +248,7 @@ func (b *Balancer) routingTable() *routing.Table {
 // backends it has not tried. The connect budget is split over these, so a
 // lone backend gets all of it.
 func (l *Lease) AttemptsLeft(retries int) int {
-	b := l.balancer
-	b.mu.Lock()
-	b.routingTable()
-	eligible := b.eff.eligible
-	b.mu.Unlock()
-	return max(min(retries+2-l.Attempts(), eligible-len(l.tried)), 1)
+	return max(min(retries+2-l.Attempts(), l.eligible-len(l.tried)), 1)
 }
 
 // Panicking reports whether panic routing is on.
@@ -325,7 +323,7 @@ func (b *Balancer) reserve(v *tableView, i int) *Lease {
 	if b.Mirror != nil {
 		b.Mirror.StoreActive(st.index, uint32(active))
 	}
-	return &Lease{Backend: v.table.Backends[i], state: st, balancer: b}
+	return &Lease{Backend: v.table.Backends[i], state: st, balancer: b, eligible: b.eff.eligible}
 }
 
 // AcquireNext reserves the next best backend for a connection whose dial

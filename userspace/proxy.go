@@ -321,12 +321,14 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	}
 	if p.cfg.OnTable != nil {
 		p.cfg.OnTable(p.store.Current())
-		go p.reapplyTable(stop)
+		go every(stop, p.cfg.DBReload, p.reapplyTable)
 	}
 	go p.store.Watch(stop, routing.DefaultPoll, p.cfg.DBReload, p.onReload)
 	go p.balancer.runHealthChecks(stop, p.cfg.Health, tcpProbe)
-	go p.refreshGeo(stop)
-	go p.sweepBindings(stop)
+	go every(stop, time.Second, p.refreshGeo)
+	if p.balancer.Affinity != nil {
+		go every(stop, p.cfg.BindingGC, p.sweepBindings)
+	}
 	if p.admin != nil {
 		go p.serveAdmin()
 	}
@@ -382,20 +384,28 @@ func (p *Proxy) reloadNow() {
 	}
 }
 
-func (p *Proxy) refreshGeo(ctx context.Context) {
-	t := time.NewTicker(time.Second)
+// every calls f each period until ctx ends; a period <= 0 never calls it.
+func every(ctx context.Context, period time.Duration, f func()) {
+	if period <= 0 {
+		return
+	}
+	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if changed, err := p.geo.Refresh(); err != nil {
-				p.log.Warn("geo database reload failed, keeping the previous one", "path", p.cfg.GeoIPPath, "err", err)
-			} else if changed {
-				p.log.Info("geo database reloaded", "path", p.cfg.GeoIPPath)
-			}
+			f()
 		}
+	}
+}
+
+func (p *Proxy) refreshGeo() {
+	if changed, err := p.geo.Refresh(); err != nil {
+		p.log.Warn("geo database reload failed, keeping the previous one", "path", p.cfg.GeoIPPath, "err", err)
+	} else if changed {
+		p.log.Info("geo database reloaded", "path", p.cfg.GeoIPPath)
 	}
 }
 
@@ -417,44 +427,18 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
 }
 
-// reapplyTable hands the current table to OnTable every reload interval
-// even when nothing changed, so state outside the proxy that drifted (a
-// WireGuard route an operator removed by hand) is put back.
-func (p *Proxy) reapplyTable(ctx context.Context) {
-	if p.cfg.DBReload <= 0 {
-		return
-	}
-	t := time.NewTicker(p.cfg.DBReload)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			p.cfg.OnTable(p.store.Current())
-		}
-	}
-}
+// reapplyTable hands the current table to OnTable even when nothing
+// changed (every reload interval), so state outside the proxy that drifted
+// (a WireGuard route an operator removed by hand) is put back.
+func (p *Proxy) reapplyTable() { p.cfg.OnTable(p.store.Current()) }
 
-func (p *Proxy) sweepBindings(ctx context.Context) {
-	if p.balancer.Affinity == nil || p.cfg.BindingGC <= 0 {
+func (p *Proxy) sweepBindings() {
+	removed, err := p.balancer.SweepBindings()
+	if err != nil {
+		p.log.Warn("affinity sweep failed", "err", err)
 		return
 	}
-	t := time.NewTicker(p.cfg.BindingGC)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			removed, err := p.balancer.SweepBindings()
-			if err != nil {
-				p.log.Warn("affinity sweep failed", "err", err)
-				continue
-			}
-			p.log.Debug("affinity swept", "removed", removed, "remaining", p.balancer.Bindings())
-		}
-	}
+	p.log.Debug("affinity swept", "removed", removed, "remaining", p.balancer.Bindings())
 }
 
 func (p *Proxy) onClose(s ConnSummary) {
