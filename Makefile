@@ -9,7 +9,7 @@ BIN := bin/edgeproxy
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 TEST_TIMEOUT ?= 20m
 
-.PHONY: all build generate generate-check vmlinux deps test test-unit demo bench lint geoip-update install clean
+.PHONY: all build generate generate-check vmlinux deps test test-unit fuzz demo bench lint geoip-update install clean
 
 all: build
 
@@ -34,6 +34,11 @@ deps:
 
 test: deps
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	bash scripts/fuzz.sh
+
+# Every fuzz target for FUZZ_TIME each (make test runs them for 8 s).
+fuzz:
+	bash scripts/fuzz.sh
 
 test-unit:
 	$(GO) test -count=1 ./routing/ ./loader/ ./userspace/ ./overlay/ ./cmd/...
