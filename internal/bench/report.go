@@ -340,6 +340,14 @@ func markdown(r *Results) string {
 	}
 	p("\n")
 	for _, mt := range r.Metrics {
+		any := false
+		for _, c := range planes {
+			_, okc := r.med(c, mt.Key)
+			any = any || okc
+		}
+		if !any {
+			continue // a figure of direct alone (sockperf)
+		}
 		p("| %s | %s |", mt.Label, mt.Better)
 		for _, c := range planes {
 			_, rd := r.ratio(c, cDirect, mt.Key)
@@ -431,7 +439,9 @@ func markdown(r *Results) string {
 	p("- **Round trip.** One connection, 64-byte message, reply read in full before the next; %s warm-up then %s timed "+
 		"round trips; client and backend use blocking sockets on locked OS threads with raw system calls (no Go netpoller and no "+
 		"runtime syscall bookkeeping in the path), %s. p50 and p99. The direct path is measured again with sockperf "+
-		"(`sockperf ping-pong --tcp -m 64 --full-rtt`, 2 s) in the same placement, and once with both ends on one CPU.\n",
+		"(`sockperf ping-pong --tcp -m 64 --full-rtt`, 2 s) in the same placement, and once with both ends on one CPU. "+
+		"The second round-trip row repeats the measurement with the client's thread on the backend's CPU: no vCPU wake-up "+
+		"between the two ends, so direct is the bare path and a proxy's figure is its own work plus the wake-ups it adds.\n",
 		fmtNum(float64(c.PingWarm), 0), fmtNum(float64(c.Pings), 0), placement)
 	p("- **Bulk.** Client → backend, 1 and 4 streams, %d-byte writes, %s s warm-up then %s s measured at the sender. "+
 		"Afterwards each stream half-closes and the backend replies with the byte count it received, which must equal what was sent.\n",
@@ -528,8 +538,8 @@ func (r *Results) syscallSection(p func(string, ...any)) {
 // direct (to HAProxy where direct has no figure).
 func chartSVG(r *Results) string {
 	const (
-		W, H                 = 1040, 500
-		left, right, top, bm = 60, 20, 96, 110
+		W, H                 = 1280, 500
+		left, right, top, bm = 60, 20, 96, 130
 		capRatio             = 4.0
 	)
 	colors := map[string]string{
@@ -615,15 +625,18 @@ func chartSVG(r *Results) string {
 			p(`<text x="%.1f" y="%.1f" font-size="9.5" text-anchor="middle" fill="#222">%s</text>`+"\n", bx+bw/2, y(h)-3, strings.TrimSuffix(fmtRatio(v), "×"))
 		}
 		cx := float64(left) + float64(gi)*gw + gw/2
-		lines := wrap(g.m.Label, 22)
-		for li, l := range lines {
-			p(`<text x="%.1f" y="%.1f" font-size="12" text-anchor="middle" fill="#222">%s</text>`+"\n", cx, y(0)+16+float64(li)*14, html.EscapeString(l))
-		}
-		note := g.m.Better + " is better"
+		// about 6.5 px per character at 11 px
+		lines := wrap(g.m.Label, max(8, int(gw/6.5)))
+		notes := []string{g.m.Better + " is better"}
 		if g.base != cDirect {
-			note += " · vs " + nameOf(g.base)
+			notes = append(notes, "vs "+nameOf(g.base))
 		}
-		p(`<text x="%.1f" y="%.1f" font-size="10.5" text-anchor="middle" fill="#777">%s</text>`+"\n", cx, y(0)+16+float64(len(lines))*14, html.EscapeString(note))
+		for li, l := range lines {
+			p(`<text x="%.1f" y="%.1f" font-size="11" text-anchor="middle" fill="#222">%s</text>`+"\n", cx, y(0)+15+float64(li)*13, html.EscapeString(l))
+		}
+		for ni, n := range notes {
+			p(`<text x="%.1f" y="%.1f" font-size="10" text-anchor="middle" fill="#777">%s</text>`+"\n", cx, y(0)+15+float64(len(lines)+ni)*13, html.EscapeString(n))
+		}
 	}
 	p(`<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#222"/>`+"\n", left, W-right, y(0), y(0))
 	p(`<text x="%d" y="%d" font-size="10.5" fill="#777">Bars above %.1f× are cut (zig-zag); the label gives the true ratio. Source: docs/bench-results.json.</text>`+"\n", left, H-8, ymax)

@@ -45,6 +45,7 @@ type Metric struct {
 const (
 	mRTT50     = "rtt_p50_us"
 	mRTT99     = "rtt_p99_us"
+	mRTTSame   = "rtt_same_cpu_p50_us"
 	mSockperf  = "sockperf_rtt_p50_us"
 	mSockSame  = "sockperf_same_cpu_rtt_p50_us"
 	mBulk1     = "bulk1_gbps"
@@ -66,6 +67,9 @@ const (
 var metrics = []Metric{
 	{mRTT50, "64 B round trip p50", "µs", "lower", 1},
 	{mRTT99, "64 B round trip p99", "µs", "lower", 1},
+	// Both ends on one CPU: no vCPU wake-up between client and backend, so
+	// what is left is the path itself, plus whatever wake-ups the proxy adds.
+	{mRTTSame, "64 B round trip p50, client and backend on one CPU", "µs", "lower", 1},
 	// The independent check of the direct path, same placement as the row
 	// above; and the same tool with both ends on one CPU, which shows what
 	// the wake-up of the other vCPU costs on this machine.
@@ -83,13 +87,13 @@ var metrics = []Metric{
 	// client's and backend's sockets are in it too, so direct (no proxy) is
 	// the baseline that mKernel subtracts.
 	{mSlab, "machine slab per idle connection, all hosts", "KiB", "lower", 1},
-	{mKernel, "proxy kernel memory per idle connection (slab beyond direct's)", "KiB", "lower", 1},
+	{mKernel, "proxy kernel memory per idle connection: slab beyond direct's", "KiB", "lower", 1},
 	{mMemTotal, "proxy RSS + kernel memory per idle connection", "KiB", "lower", 1},
 	// Context for the rows above, not charted: a garbage-collected heap can
 	// absorb new connections into memory it already holds, so the
 	// per-connection delta of one round can read low; the total cannot.
 	{mHeld, "proxy RSS with the idle connections held", "MiB", "lower", 1},
-	{mSyscalls, "proxy system calls per connection (strace -f -c)", "calls", "lower", 1},
+	{mSyscalls, "proxy system calls per connection, strace -f -c", "calls", "lower", 1},
 	{mSyscallsX, "proxy system calls per connection, without the Go runtime's own", "calls", "lower", 1},
 }
 
@@ -141,7 +145,7 @@ type Config struct {
 	Workloads  []string `json:"workloads"`
 }
 
-var allWorkloads = []string{"pingpong", "bulk1", "bulk4", "conns", "rr2k", "idle"}
+var allWorkloads = []string{"pingpong", "pingpong1cpu", "bulk1", "bulk4", "conns", "rr2k", "idle"}
 
 // Run is one measurement: one contender, one workload, one round.
 type Run struct {

@@ -671,6 +671,18 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 		if err == nil && c.name == cDirect && b.sockperf != "" {
 			b.sockperfCheck(round, &run, res.P50us)
 		}
+	case "pingpong1cpu":
+		if b.cfg.BackendCPU < 0 {
+			b.note("pingpong1cpu skipped: the round-trip threads are not pinned (BENCH_PIN=0)")
+			return
+		}
+		res, errOut, err = b.client(180*time.Second, "pingpong", c.addr, "-n", strconv.Itoa(b.cfg.Pings), "-warm", strconv.Itoa(b.cfg.PingWarm),
+			"-cpu", strconv.Itoa(b.cfg.BackendCPU))
+		if err == nil {
+			b.record(&run, mRTTSame, res.P50us)
+			b.logf("[%d/%d] %-18s round trip, client and backend on CPU %d: p50 %7.1f µs  p99 %7.1f µs", round, b.cfg.Rounds, c.name,
+				b.cfg.BackendCPU, res.P50us, res.P99us)
+		}
 	case "bulk1", "bulk4":
 		streams := "1"
 		if w == "bulk4" {
