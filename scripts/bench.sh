@@ -9,7 +9,8 @@
 # Environment: BENCH_ROUNDS (5), BENCH_SECS (5), BENCH_PINGS (20000),
 # BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (32), BENCH_RR_CONNS (50),
 # BENCH_RR_BYTES (2048), BENCH_SYSCALL_CONNS (2000; 0 skips the strace
-# phase), BENCH_WORKLOADS (pingpong,bulk1,bulk4,conns,rr2k,idle),
+# phase), BENCH_WORKLOADS
+# (pingpong,pingpong1cpu,bulk1,bulk4,conns,rr2k,idle),
 # BENCH_CONTENDERS (direct,edgeproxy-sockmap,edgeproxy-splice,haproxy),
 # BENCH_EDGEPROXY_ENV (settings under test, e.g. "EDGEPROXY_WORKERS=1"),
 # BENCH_KEEP_LOGS=1 keeps the proxies' logs. Diagnostics of the round trip:

@@ -427,7 +427,7 @@ func markdown(r *Results) string {
 		"(`ip_forward=1`), so it crosses the same two veth hops. *edgeproxy sockmap* and *edgeproxy splice*: " +
 		"`bin/edgeproxy run` started with `nsenter --net=…` in the proxy namespace, `EDGEPROXY_DATAPLANE=sockmap` / `splice`, " +
 		"one backend row pointing at the backend, admin HTTP off. *HAProxy*: `mode tcp`, `option splice-request` and " +
-		"`option splice-response` (splice forced both ways), `nbthread 2`, `maxconn 7000`. " +
+		"`option splice-response` (splice forced both ways), `nbthread` = CPUs, `maxconn 7000`. " +
 		"All proxies run at once, idle except the one under test.\n")
 	p("- **Backend.** One Go server in the backend namespace; the first byte of each connection picks echo " +
 		"(connection rate, idle), blocking-thread echo (round trip) or discard-and-count (bulk).\n")

@@ -423,10 +423,11 @@ func (b *bench) makeDB() error {
 }
 
 func (b *bench) writeHAProxyConfig() error {
+	// One thread per CPU, as the issue compares against.
 	cfg := fmt.Sprintf(`# edgeproxy bench: HAProxy in TCP mode, splice forced both ways
 global
     maxconn 7000
-    nbthread 2
+    nbthread %d
 
 defaults
     mode tcp
@@ -439,7 +440,7 @@ defaults
 listen bench
     bind 0.0.0.0:%d
     server backend %s:%d
-`, proxyPorts[cHAProxy], backendIP, backendPrt)
+`, runtime.NumCPU(), proxyPorts[cHAProxy], backendIP, backendPrt)
 	return os.WriteFile(filepath.Join(b.tmp, "haproxy.cfg"), []byte(cfg), 0o644)
 }
 
