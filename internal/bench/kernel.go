@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -176,16 +177,17 @@ func (b *bench) sockperfRTT(cpu int) (float64, error) {
 }
 
 // sockperfCheck measures the direct path with sockperf in the same
-// placement as the round trip just measured, and once more with both ends
-// on the backend's CPU, and records a problem when the harness and sockperf
-// disagree by more than 1.5×.
-func (b *bench) sockperfCheck(round int, run *Run, harnessP50 float64) {
-	p50, err := b.sockperfRTT(b.cfg.ClientCPU)
-	if err != nil {
-		b.problem("round %d direct: sockperf: %v", round, err)
+// placement right after the round trip just measured (before: the run just
+// before it), records the mean of the two, and once more with both ends on
+// the backend's CPU. A harness p50 more than 1.5× away from both sockperf
+// runs is a problem.
+func (b *bench) sockperfCheck(round int, run *Run, harnessP50, before float64, beforeErr error) {
+	after, err := b.sockperfRTT(b.cfg.ClientCPU)
+	if err != nil || beforeErr != nil {
+		b.problem("round %d direct: sockperf: %v", round, errors.Join(beforeErr, err))
 		return
 	}
-	b.record(run, mSockperf, p50)
+	b.record(run, mSockperf, (before+after)/2)
 	same := math.NaN()
 	if b.cfg.BackendCPU >= 0 {
 		if same, err = b.sockperfRTT(b.cfg.BackendCPU); err != nil {
@@ -194,10 +196,12 @@ func (b *bench) sockperfCheck(round int, run *Run, harnessP50 float64) {
 			b.record(run, mSockSame, same)
 		}
 	}
-	b.logf("[%d/%d] %-18s sockperf    p50 %7.1f µs (both ends on one CPU: %.1f µs)", round, b.cfg.Rounds, cDirect, p50, same)
-	if r := harnessP50 / p50; r > 1.5 || r < 1/1.5 {
-		b.problem("round %d direct: the harness's round trip p50 (%.1f µs) and sockperf's (%.1f µs) disagree by %.2f×",
-			round, harnessP50, p50, math.Max(r, 1/r))
+	b.logf("[%d/%d] %-18s sockperf    p50 %7.1f and %.1f µs, before and after (both ends on one CPU: %.1f µs)",
+		round, b.cfg.Rounds, cDirect, before, after, same)
+	lo, hi := math.Min(before, after), math.Max(before, after)
+	if harnessP50 > hi*1.5 || harnessP50 < lo/1.5 {
+		b.problem("round %d direct: the harness's round trip p50 (%.1f µs) is more than 1.5× away from sockperf's just before and after (%.1f and %.1f µs)",
+			round, harnessP50, before, after)
 	}
 }
 

@@ -439,7 +439,8 @@ func markdown(r *Results) string {
 	p("- **Round trip.** One connection, 64-byte message, reply read in full before the next; %s warm-up then %s timed "+
 		"round trips; client and backend use blocking sockets on locked OS threads with raw system calls (no Go netpoller and no "+
 		"runtime syscall bookkeeping in the path), %s. p50 and p99. The direct path is measured again with sockperf "+
-		"(`sockperf ping-pong --tcp -m 64 --full-rtt`, 2 s) in the same placement, and once with both ends on one CPU. "+
+		"(`sockperf ping-pong --tcp -m 64 --full-rtt`, 2 s) in the same placement just before and just after (the mean of the two is "+
+		"the sockperf figure), and once with both ends on one CPU. "+
 		"The second round-trip row repeats the measurement with the client's thread on the backend's CPU: no vCPU wake-up "+
 		"between the two ends, so direct is the bare path and a proxy's figure is its own work plus the wake-ups it adds.\n",
 		fmtNum(float64(c.PingWarm), 0), fmtNum(float64(c.Pings), 0), placement)
@@ -488,7 +489,7 @@ func (r *Results) roundTripCheck(p func(string, ...any)) {
 		return
 	}
 	p("## Direct round trip, checked with sockperf\n\n")
-	p("The harness's direct figure and sockperf's, measured one after the other in each round with the same placement. " +
+	p("The harness's direct figure and sockperf's (the mean of a run just before and one just after), in each round with the same placement. " +
 		"On this kind of VM a round trip is set by where its two ends run: with both on one CPU no idle vCPU has to be woken; " +
 		"across two CPUs each message wakes the other, halted vCPU (see `idle states` above). The last column shows that cost in every run.\n\n")
 	p("| round | harness p50, µs | sockperf p50, µs | harness / sockperf | sockperf p50, both ends on one CPU, µs |\n| ---: | ---: | ---: | ---: | ---: |\n")

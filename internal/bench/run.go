@@ -662,6 +662,12 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 	var err error
 	switch w {
 	case "pingpong":
+		// sockperf just before and just after the harness (direct only), so
+		// a disagreement is not a change of the machine between the two.
+		sockBefore, sockErr := math.NaN(), error(nil)
+		if c.name == cDirect && b.sockperf != "" {
+			sockBefore, sockErr = b.sockperfRTT(b.cfg.ClientCPU)
+		}
 		res, errOut, err = b.client(180*time.Second, "pingpong", c.addr, "-n", strconv.Itoa(b.cfg.Pings), "-warm", strconv.Itoa(b.cfg.PingWarm),
 			"-cpu", strconv.Itoa(b.cfg.ClientCPU))
 		if err == nil {
@@ -670,7 +676,7 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 			b.logf("[%d/%d] %-18s round trip  p50 %7.1f µs  p99 %7.1f µs", round, b.cfg.Rounds, c.name, res.P50us, res.P99us)
 		}
 		if err == nil && c.name == cDirect && b.sockperf != "" {
-			b.sockperfCheck(round, &run, res.P50us)
+			b.sockperfCheck(round, &run, res.P50us, sockBefore, sockErr)
 		}
 	case "pingpong1cpu":
 		if b.cfg.BackendCPU < 0 {
@@ -825,10 +831,11 @@ func (b *bench) idle(c *contender) (*clientResult, map[string]any, error) {
 			extra["slab_after_kib"] = slabAfter
 			extra["slab_caches_kib"] = slabCacheGrowth(cachesBefore, cachesAfter)
 			if pid != 0 {
-				var after int64
-				if after, err = rssKiB(pid); err == nil {
-					extra["rss_after_kib"] = after
+				after, rerr := rssKiB(pid)
+				if rerr != nil {
+					err = rerr
 				}
+				extra["rss_after_kib"] = after
 				extra["fds_after"] = countFDs(pid)
 				extra["status_after"] = memStatus(pid)
 				if !c.p.alive() {
