@@ -322,7 +322,7 @@ func markdown(r *Results) string {
 	}
 	p("\n")
 
-	p("## Ratios\n\nEach edgeproxy plane's median divided by direct's and by HAProxy's. " +
+	p("## Ratios\n\nEach edgeproxy plane's median divided by direct's and by HAProxy's, and HAProxy's by direct's for scale. " +
 		"For latency, CPU and memory lower is better; for throughput and connections/s higher is better.\n\n")
 	var planes []string
 	for _, c := range []string{cSockmap, cSplice} {
@@ -334,11 +334,11 @@ func markdown(r *Results) string {
 	for _, c := range planes {
 		p(" %s / direct | %s / HAProxy |", nameOf(c), nameOf(c))
 	}
-	p("\n| --- | --- |")
+	p(" HAProxy / direct |\n| --- | --- |")
 	for range planes {
 		p(" ---: | ---: |")
 	}
-	p("\n")
+	p(" ---: |\n")
 	for _, mt := range r.Metrics {
 		any := false
 		for _, c := range planes {
@@ -354,7 +354,8 @@ func markdown(r *Results) string {
 			_, rh := r.ratio(c, cHAProxy, mt.Key)
 			p(" %s | %s |", rd, rh)
 		}
-		p("\n")
+		_, hd := r.ratio(cHAProxy, cDirect, mt.Key)
+		p(" %s |\n", hd)
 	}
 	p("\n")
 
