@@ -458,10 +458,12 @@ func markdown(r *Results) string {
 		"(the backend echoes) in full; %s s warm-up then %s s counted. Requests/s, and machine CPU (as above) per request.\n",
 		c.RRConns, fmtNum(float64(c.RRSize), 0), fmtNum(float64(c.RRSize), 0), fmtNum(c.WarmSecs, 1), fmtNum(c.Secs, 1))
 	p("- **Memory per idle connection.** Each round the proxy under test is restarted, one connection checks it, its `VmRSS` and the "+
-		"machine's slab (`/proc/meminfo` `Slab`, reclaimable and not, less the TIME_WAIT caches `tw_sock_TCP*` whose earlier sockets "+
-		"expire meanwhile) are read; then %s connections are opened (each checked with one echo) and held, and both are read again after 1 s. "+
-		"(after − before) / connections. A spliced socket's state lives in the kernel (socket, inode, dentry, epoll item, psock, map "+
-		"entry, pipe), not in RSS, hence the slab. The slab is the whole machine's: the client's and backend's sockets are in it, so "+
+		"machine's live slab objects (`/proc/slabinfo`: active objects × object size over every cache, the TIME_WAIT caches `tw_sock_TCP*` "+
+		"left out since earlier sockets expire meanwhile) are read; then %s connections are opened (each checked with one echo) and held, "+
+		"and both are read again after 1 s. (after − before) / connections. A spliced socket's state lives in the kernel (socket, inode, "+
+		"dentry, file, epoll item, psock, map entry, pipe), not in RSS, hence the slab. Live objects rather than slab pages "+
+		"(`/proc/meminfo` `Slab`, kept in the JSON): new sockets first fill the room earlier workloads left in existing pages, so page "+
+		"growth depends on what ran before. The slab is the whole machine's: the client's and backend's sockets are in it, so "+
 		"direct (the client holding the same connections to the backend, no proxy) is the baseline, and a proxy's kernel memory is its "+
 		"slab growth less direct's median. A garbage-collected heap (edgeproxy is Go) can take new connections into memory it already "+
 		"holds, so a single round's RSS can read low; the median over rounds is the figure, and the total RSS with the connections held "+

@@ -83,10 +83,10 @@ var metrics = []Metric{
 	{mRR, "2 KiB request/response on keep-alive connections", "req/s", "higher", 0},
 	{mRRCPU, "machine CPU per 2 KiB request", "CPU µs/req", "lower", 1},
 	{mRSS, "proxy RSS per idle connection", "KiB", "lower", 1},
-	// Slab growth of the whole machine, divided by the connections: the
-	// client's and backend's sockets are in it too, so direct (no proxy) is
-	// the baseline that mKernel subtracts.
-	{mSlab, "machine slab per idle connection, all hosts", "KiB", "lower", 1},
+	// Growth of the whole machine's live slab objects, divided by the
+	// connections: the client's and backend's sockets are in it too, so
+	// direct (no proxy) is the baseline that mKernel subtracts.
+	{mSlab, "machine slab objects per idle connection, all hosts", "KiB", "lower", 1},
 	{mKernel, "proxy kernel memory per idle connection: slab beyond direct's", "KiB", "lower", 1},
 	{mMemTotal, "proxy RSS + kernel memory per idle connection", "KiB", "lower", 1},
 	// Context for the rows above, not charted: a garbage-collected heap can

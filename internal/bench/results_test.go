@@ -104,3 +104,15 @@ func TestMedianOfEvenCountIsTheMidpoint(t *testing.T) {
 		t.Fatalf("median %v %v, want 2.5", v, ok)
 	}
 }
+
+func TestSlabObjectsLeaveOutTimeWaitSockets(t *testing.T) {
+	caches := map[string]slabCache{
+		"TCP":              {activeObjs: 4, objSize: 2048},   // 8 KiB
+		"sock_inode_cache": {activeObjs: 8, objSize: 1024},   // 8 KiB
+		"tw_sock_TCP":      {activeObjs: 1000, objSize: 256}, // left out
+		"tw_sock_TCPv6":    {activeObjs: 1000, objSize: 256}, // left out
+	}
+	if got := slabObjectsKiB(caches); got != 16 {
+		t.Fatalf("live slab objects %d KiB, want 16 (TIME_WAIT caches left out)", got)
+	}
+}

@@ -771,12 +771,9 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 // idle restarts the proxy, reads its RSS, has the client hold
 // IdleConns connections, reads RSS again and lets the client close them.
 //
-// Kernel memory: the machine's slab (/proc/meminfo Slab, reclaimable and
-// not: a socket's inode and dentry are reclaimable, its TCP state is not)
-// read just before and after, less TIME_WAIT sockets that a connection-rate
-// run left behind and that expire meanwhile (readSlab). For direct (no proxy
-// process) only the slab is read: it is the baseline of the client's and
-// backend's own sockets.
+// Kernel memory: the machine's live slab objects (slabObjectsKiB) read
+// just before and after. For direct (no proxy process) only the slab is
+// read: it is the baseline of the client's and backend's own sockets.
 func (b *bench) idle(c *contender) (*clientResult, map[string]any, error) {
 	pid := 0
 	var before int64
@@ -793,11 +790,12 @@ func (b *bench) idle(c *contender) (*clientResult, map[string]any, error) {
 		}
 		extra = map[string]any{"rss_before_kib": before, "pid": pid, "fds_before": countFDs(pid), "status_before": memStatus(pid)}
 	}
-	slabBefore, cachesBefore, err := readSlab()
+	slabBefore, pagesBefore, cachesBefore, err := readSlab()
 	if err != nil {
 		return nil, nil, err
 	}
 	extra["slab_before_kib"] = slabBefore
+	extra["meminfo_slab_before_kib"] = pagesBefore
 	ctx, cancel := context.WithTimeout(b.ctx, 180*time.Second)
 	defer cancel()
 	argv := nsArgv(b.nsC, b.self, "client", "-w", "idle", "-addr", c.addr, "-n", strconv.Itoa(b.cfg.IdleConns))
@@ -824,11 +822,12 @@ func (b *bench) idle(c *contender) (*clientResult, map[string]any, error) {
 		if strings.HasPrefix(line, "READY ") {
 			ready = lastJSON(line)
 			time.Sleep(time.Second)
-			slabAfter, cachesAfter, serr := readSlab()
+			slabAfter, pagesAfter, cachesAfter, serr := readSlab()
 			if serr != nil {
 				err = serr
 			}
 			extra["slab_after_kib"] = slabAfter
+			extra["meminfo_slab_after_kib"] = pagesAfter
 			extra["slab_caches_kib"] = slabCacheGrowth(cachesBefore, cachesAfter)
 			if pid != 0 {
 				after, rerr := rssKiB(pid)
