@@ -7,11 +7,17 @@
 #   sudo BENCH_ROUNDS=1 BENCH_SECS=2 make bench
 #
 # Environment: BENCH_ROUNDS (5), BENCH_SECS (5), BENCH_PINGS (20000),
-# BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (4), BENCH_CONTENDERS
-# (direct,edgeproxy-sockmap,edgeproxy-splice,haproxy), BENCH_EDGEPROXY_ENV
-# (settings under test, e.g. "EDGEPROXY_WORKERS=1"), BENCH_KEEP_LOGS=1 keeps
-# the proxies' logs. Regenerate the report from the JSON alone with
-# `go run ./internal/bench report`.
+# BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (32), BENCH_RR_CONNS (50),
+# BENCH_RR_BYTES (2048), BENCH_SYSCALL_CONNS (2000; 0 skips the strace
+# phase), BENCH_WORKLOADS
+# (pingpong,pingpong1cpu,bulk1,bulk4,conns,rr2k,idle),
+# BENCH_CONTENDERS (direct,edgeproxy-sockmap,edgeproxy-splice,haproxy),
+# BENCH_EDGEPROXY_ENV (settings under test, e.g. "EDGEPROXY_WORKERS=1"),
+# BENCH_KEEP_LOGS=1 keeps the proxies' logs. Diagnostics of the round trip:
+# BENCH_PIN=0 leaves the client and backend threads unpinned,
+# BENCH_PING_LEGACY=1 makes them use the Go runtime's syscall path (both as
+# before the round trip was fixed). Regenerate the report from the JSON
+# alone with `go run ./internal/bench report`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,11 +63,18 @@ need_apt=()
 if [[ -z ${BENCH_CONTENDERS:-} || ${BENCH_CONTENDERS} == *haproxy* ]]; then
 	command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 fi
-for tool in ip nsenter sysctl; do
+if [[ -z ${BENCH_CONTENDERS:-} || ${BENCH_CONTENDERS} == *direct* ]]; then
+	# the independent check of the direct round trip
+	command -v sockperf >/dev/null 2>&1 || need_apt+=(sockperf)
+fi
+if [[ ${BENCH_SYSCALL_CONNS:-2000} != 0 ]]; then
+	command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+fi
+for tool in ip nsenter sysctl taskset; do
 	command -v "$tool" >/dev/null 2>&1 || {
 		case $tool in
 		ip) need_apt+=(iproute2) ;;
-		nsenter) need_apt+=(util-linux) ;;
+		nsenter | taskset) need_apt+=(util-linux) ;;
 		sysctl) need_apt+=(procps) ;;
 		esac
 	}

@@ -47,6 +47,11 @@ type clientResult struct {
 	Conns       int64   `json:"conns,omitempty"`
 	ConnsPerSec float64 `json:"conns_per_sec,omitempty"`
 
+	// rr
+	Requests       int64   `json:"requests,omitempty"`
+	RequestsPerSec float64 `json:"requests_per_sec,omitempty"`
+	CPUUsPerReq    float64 `json:"cpu_us_per_request,omitempty"`
+
 	// idle
 	Opened int `json:"opened,omitempty"`
 
@@ -105,14 +110,18 @@ func (e *errLog) fill(r *clientResult) {
 
 func clientMain(args []string) error {
 	fs := flag.NewFlagSet("client", flag.ContinueOnError)
-	workload := fs.String("w", "", "workload: check, pingpong, bulk, conns, idle")
+	workload := fs.String("w", "", "workload: check, pingpong, bulk, conns, rr, idle")
 	addr := fs.String("addr", "", "target host:port")
 	n := fs.Int("n", 20000, "pingpong: measured round trips; idle: connections")
 	warm := fs.Int("warm", 1000, "pingpong: warm-up round trips")
 	streams := fs.Int("streams", 1, "bulk: parallel streams")
 	workers := fs.Int("workers", 4, "conns: concurrent workers")
-	secs := fs.Float64("secs", 5, "bulk, conns: measured seconds")
-	warmSecs := fs.Float64("warm-secs", 0.5, "bulk, conns: seconds before measuring")
+	cpu := fs.Int("cpu", -1, "pingpong: pin the measuring thread to this CPU (-1: anywhere)")
+	count := fs.Int64("count", 0, "conns: stop after this many connections instead of timing a window (0: timed)")
+	rrConns := fs.Int("conns", 50, "rr: keep-alive connections")
+	rrSize := fs.Int("size", 2048, "rr: request and response size, bytes")
+	secs := fs.Float64("secs", 5, "bulk, conns, rr: measured seconds")
+	warmSecs := fs.Float64("warm-secs", 0.5, "bulk, conns, rr: seconds before measuring")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -128,11 +137,17 @@ func clientMain(args []string) error {
 	case "check":
 		err = runCheck(*addr)
 	case "pingpong":
-		err = runPingPong(*addr, *warm, *n, &res)
+		err = runPingPong(*addr, *warm, *n, *cpu, &res)
 	case "bulk":
 		err = runBulk(*addr, *streams, dur(*warmSecs), dur(*secs), &res, &el)
 	case "conns":
-		err = runConns(*addr, *workers, dur(*warmSecs), dur(*secs), &res, &el)
+		if *count > 0 {
+			err = runConnCount(*addr, *workers, *count, &res, &el)
+		} else {
+			err = runConns(*addr, *workers, dur(*warmSecs), dur(*secs), &res, &el)
+		}
+	case "rr":
+		err = runRR(*addr, *rrConns, *rrSize, dur(*warmSecs), dur(*secs), &res, &el)
 	case "idle":
 		err = runIdle(*addr, *n, &res, &el)
 	default:
@@ -175,14 +190,24 @@ func runCheck(addr string) error {
 }
 
 // runPingPong measures 64-byte round trips over one connection with
-// blocking system calls on a locked thread (no netpoller in the path).
-func runPingPong(addr string, warm, n int, res *clientResult) error {
+// blocking system calls on a locked thread (no netpoller in the path),
+// pinned to cpu when cpu >= 0. The reads and writes bypass the runtime's
+// syscall bookkeeping (rawRead, rawWrite): with it, each blocking read woke
+// other threads of the Go runtime, about two extra wake-ups per round trip
+// between client and backend, each a wake-up of an idle vCPU on this kind
+// of VM.
+func runPingPong(addr string, warm, n, cpu int, res *clientResult) error {
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return err
 	}
+	// A pinned thread exits with this goroutine instead of being reused.
 	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
+	if cpu < 0 {
+		defer runtime.UnlockOSThread()
+	} else if err := pinThread(cpu); err != nil {
+		return err
+	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
 	if err != nil {
 		return err
@@ -206,10 +231,10 @@ func runPingPong(addr string, warm, n int, res *clientResult) error {
 	for i := 0; i < warm+n; i++ {
 		binary.BigEndian.PutUint64(msg[1:], uint64(i))
 		t0 := time.Now()
-		if err := writeAll(fd, msg[:]); err != nil {
+		if err := writeAll(fd, msg[:], rawSyscalls); err != nil {
 			return fmt.Errorf("round trip %d: write: %w", i, err)
 		}
-		if err := readFull(fd, got[:]); err != nil {
+		if err := readFull(fd, got[:], rawSyscalls); err != nil {
 			return fmt.Errorf("round trip %d: read: %w", i, err)
 		}
 		d := time.Since(t0)
@@ -390,8 +415,7 @@ func setLinger0(c net.Conn) {
 	}
 }
 
-// runConns repeats connect, 64-byte echo, close (RST: SO_LINGER 0, so no
-// TIME_WAIT piles up on the client) on several workers.
+// runConns repeats connectEchoClose on workers for a timed window.
 func runConns(addr string, workers int, warm, window time.Duration, res *clientResult, el *errLog) error {
 	var done atomic.Int64
 	var measuring, stop atomic.Bool
@@ -404,18 +428,8 @@ func runConns(addr string, workers int, warm, window time.Duration, res *clientR
 			seq := uint64(w) << 40
 			for !stop.Load() {
 				seq++
-				c, err := d.Dial("tcp", addr)
-				if err != nil {
-					el.add("dial: %v", err)
-					time.Sleep(time.Millisecond)
-					continue
-				}
-				setLinger0(c)
-				_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-				err = echoOnce(c, seq)
-				c.Close()
-				if err != nil {
-					el.add("echo: %v", err)
+				if err := connectEchoClose(&d, addr, seq); err != nil {
+					el.add("%v", err)
 					time.Sleep(time.Millisecond)
 					continue
 				}
@@ -437,6 +451,136 @@ func runConns(addr string, workers int, warm, window time.Duration, res *clientR
 	res.Conns = n
 	res.Secs = elapsed.Seconds()
 	res.ConnsPerSec = float64(n) / elapsed.Seconds()
+	return nil
+}
+
+// connectEchoClose is one unit of the connection-rate workloads: connect,
+// one 64-byte echo, close with RST (SO_LINGER 0, so no TIME_WAIT piles up on
+// the client).
+func connectEchoClose(d *net.Dialer, addr string, seq uint64) error {
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	setLinger0(c)
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	err = echoOnce(c, seq)
+	c.Close()
+	if err != nil {
+		return fmt.Errorf("echo: %w", err)
+	}
+	return nil
+}
+
+// runConnCount makes exactly count connections (connect, echo, close) on
+// workers, for the system-call count, where a fixed number matters and time
+// does not. Bounded in time too: 120 s.
+func runConnCount(addr string, workers int, count int64, res *clientResult, el *errLog) error {
+	var next, done atomic.Int64
+	var wg sync.WaitGroup
+	d := net.Dialer{Timeout: 2 * time.Second}
+	deadline := time.Now().Add(120 * time.Second)
+	t0 := time.Now()
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for {
+				i := next.Add(1)
+				if i > count || time.Now().After(deadline) {
+					return
+				}
+				if err := connectEchoClose(&d, addr, uint64(i)); err != nil {
+					el.add("%v", err)
+					continue
+				}
+				done.Add(1)
+			}
+		}(w)
+	}
+	wg.Wait()
+	res.Conns = done.Load()
+	res.Secs = time.Since(t0).Seconds()
+	res.ConnsPerSec = float64(res.Conns) / res.Secs
+	if res.Conns < count {
+		return fmt.Errorf("%d of %d connections completed", res.Conns, count)
+	}
+	return nil
+}
+
+// runRR keeps conns connections open and on each repeats: write a
+// size-byte request, read the size-byte reply in full (the backend echoes),
+// like many small keep-alive HTTP exchanges. Requests/s and machine CPU per
+// request over the window after warm-up.
+func runRR(addr string, conns, size int, warm, window time.Duration, res *clientResult, el *errLog) error {
+	if size < 1 {
+		return errors.New("rr: size must be at least 1 byte")
+	}
+	d := net.Dialer{Timeout: 2 * time.Second}
+	cs := make([]net.Conn, 0, conns)
+	defer func() {
+		for _, c := range cs {
+			c.Close()
+		}
+	}()
+	for i := 0; i < conns; i++ {
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("dial %d of %d: %w", i+1, conns, err)
+		}
+		cs = append(cs, c)
+	}
+	var done atomic.Int64
+	var measuring, stop atomic.Bool
+	var wg sync.WaitGroup
+	hardStop := time.Now().Add(warm + window + 10*time.Second)
+	for i, c := range cs {
+		wg.Add(1)
+		go func(i int, c net.Conn) {
+			defer wg.Done()
+			req := make([]byte, size)
+			for j := range req {
+				req[j] = byte(i + j)
+			}
+			req[0] = modeEcho // the backend echoes the whole connection
+			got := make([]byte, size)
+			_ = c.SetDeadline(hardStop)
+			for !stop.Load() {
+				if _, err := c.Write(req); err != nil {
+					el.add("conn %d: write: %v", i, err)
+					return
+				}
+				if _, err := io.ReadFull(c, got); err != nil {
+					el.add("conn %d: read reply: %v", i, err)
+					return
+				}
+				if got[size-1] != req[size-1] || got[0] != req[0] {
+					el.add("conn %d: reply differs from the request", i)
+					return
+				}
+				if measuring.Load() {
+					done.Add(1)
+				}
+			}
+		}(i, c)
+	}
+	time.Sleep(warm)
+	b0, _, err0 := cpuJiffies()
+	measuring.Store(true)
+	t0 := time.Now()
+	time.Sleep(window)
+	measuring.Store(false)
+	elapsed := time.Since(t0)
+	b1, _, err1 := cpuJiffies()
+	stop.Store(true)
+	wg.Wait()
+	res.Requests = done.Load()
+	res.Secs = elapsed.Seconds()
+	res.RequestsPerSec = float64(res.Requests) / res.Secs
+	if err0 == nil && err1 == nil && res.Requests > 0 {
+		res.BusyCPUSecs = float64(b1-b0) / userHZ
+		res.CPUUsPerReq = res.BusyCPUSecs / float64(res.Requests) * 1e6
+	}
 	return nil
 }
 

@@ -24,8 +24,13 @@ commands:
   client   load generator (run inside the client namespace)
 
 environment for run: BENCH_ROUNDS (5), BENCH_SECS (5), BENCH_PINGS (20000),
-BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (4), BENCH_CONTENDERS (all:
-direct,edgeproxy-sockmap,edgeproxy-splice,haproxy)
+BENCH_IDLE_CONNS (3000), BENCH_CONN_WORKERS (32), BENCH_RR_CONNS (50),
+BENCH_RR_BYTES (2048), BENCH_SYSCALL_CONNS (2000; 0: no strace phase),
+BENCH_WORKLOADS (all: pingpong,pingpong1cpu,bulk1,bulk4,conns,rr2k,idle),
+BENCH_CONTENDERS (all: direct,edgeproxy-sockmap,edgeproxy-splice,haproxy),
+BENCH_EDGEPROXY_ENV (settings under test). Round-trip diagnostics:
+BENCH_PIN=0 (client and backend threads not pinned), BENCH_PING_LEGACY=1
+(the Go runtime's syscall path), both as before the round trip was fixed.
 `)
 }
 

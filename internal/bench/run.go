@@ -35,6 +35,8 @@ var proxyPorts = map[string]int{cSockmap: 10001, cSplice: 10002, cHAProxy: 10003
 
 type bench struct {
 	ctx       context.Context
+	sockperf  string // sockperf binary; "" when missing
+	strace    string // strace binary; "" when missing
 	id        string
 	nsC       string
 	nsP       string
@@ -45,6 +47,7 @@ type bench struct {
 	haproxy   string
 	cfg       Config
 	server    *proc
+	sockSrv   *proc // sockperf server in the backend namespace
 	cs        map[string]*contender
 	res       *Results
 
@@ -72,6 +75,14 @@ func envInt(name string, def int) (int, error) {
 		return 0, fmt.Errorf("%s=%q: want a whole number > 0", name, v)
 	}
 	return n, nil
+}
+
+// envCount is envInt that also accepts 0 (to turn a phase off).
+func envCount(name string, def int) (int, error) {
+	if os.Getenv(name) == "0" {
+		return 0, nil
+	}
+	return envInt(name, def)
 }
 
 func envFloat(name string, def float64) (float64, error) {
@@ -113,8 +124,27 @@ func runMain(args []string) error {
 	if cfg.IdleConns, err = envInt("BENCH_IDLE_CONNS", 3000); err != nil {
 		return err
 	}
-	if cfg.ConnWorkers, err = envInt("BENCH_CONN_WORKERS", 4); err != nil {
+	if cfg.ConnWorkers, err = envInt("BENCH_CONN_WORKERS", 32); err != nil {
 		return err
+	}
+	if cfg.RRConns, err = envInt("BENCH_RR_CONNS", 50); err != nil {
+		return err
+	}
+	if cfg.RRSize, err = envInt("BENCH_RR_BYTES", 2048); err != nil {
+		return err
+	}
+	if cfg.SyscallConns, err = envCount("BENCH_SYSCALL_CONNS", 2000); err != nil {
+		return err
+	}
+	// The round trip's two ends on two different CPUs, as on two hosts, and
+	// the same two for every contender and round. Left to the scheduler they
+	// shared a vCPU in some rounds and not in others, and on this kind of VM
+	// (cpuidle haltpoll, guest_halt_poll_ns=0: an idle vCPU halts at once)
+	// waking the other vCPU costs tens of µs each way: direct's rounds read
+	// 32 to 120 µs for that reason alone.
+	cfg.ClientCPU, cfg.BackendCPU = -1, -1
+	if os.Getenv("BENCH_PIN") != "0" {
+		cfg.ClientCPU, cfg.BackendCPU = 0, min(1, runtime.NumCPU()-1)
 	}
 	if cfg.IdleConns > 3300 {
 		return errors.New("BENCH_IDLE_CONNS above 3300 does not fit the 20,000 open-file limit on the splice plane (6 descriptors per connection)")
@@ -158,6 +188,16 @@ func runMain(args []string) error {
 	if _, err := os.Stat(b.edgeproxy); err != nil {
 		return fmt.Errorf("edgeproxy binary: %w (run make build)", err)
 	}
+	if b.has(cDirect) {
+		if b.sockperf, err = exec.LookPath("sockperf"); err != nil {
+			b.sockperf = ""
+		}
+	}
+	if cfg.SyscallConns > 0 {
+		if b.strace, err = exec.LookPath("strace"); err != nil {
+			b.strace = ""
+		}
+	}
 	if b.has(cHAProxy) {
 		if b.haproxy, err = exec.LookPath("haproxy"); err != nil {
 			return errors.New("haproxy not found: apt-get install -y haproxy (scripts/bench.sh does it)")
@@ -172,7 +212,7 @@ func runMain(args []string) error {
 
 	start := time.Now()
 	b.res = &Results{
-		Schema:     1,
+		Schema:     2,
 		Command:    commandLine(),
 		Config:     cfg,
 		Contenders: cfg.Contenders,
@@ -186,6 +226,12 @@ func runMain(args []string) error {
 		b.res.Raw[c] = map[string][]float64{}
 	}
 	b.res.Machine = machineInfo(b.edgeproxy, b.haproxy)
+	if b.has(cDirect) && b.sockperf == "" {
+		b.problem("sockperf not found: the direct round trip is not checked against an independent tool (apt-get install -y sockperf; scripts/bench.sh does it)")
+	}
+	if cfg.SyscallConns > 0 && b.strace == "" {
+		b.problem("strace not found: no system-call count (apt-get install -y strace; scripts/bench.sh does it)")
+	}
 
 	err = b.measure()
 	b.teardown()
@@ -217,7 +263,9 @@ func runMain(args []string) error {
 
 func commandLine() string {
 	var over []string
-	for _, v := range []string{"BENCH_ROUNDS", "BENCH_SECS", "BENCH_PINGS", "BENCH_IDLE_CONNS", "BENCH_CONN_WORKERS", "BENCH_CONTENDERS", "BENCH_WORKLOADS", "BENCH_EDGEPROXY_ENV"} {
+	for _, v := range []string{"BENCH_ROUNDS", "BENCH_SECS", "BENCH_PINGS", "BENCH_IDLE_CONNS", "BENCH_CONN_WORKERS",
+		"BENCH_RR_CONNS", "BENCH_RR_BYTES", "BENCH_SYSCALL_CONNS", "BENCH_PIN", "BENCH_PING_LEGACY",
+		"BENCH_CONTENDERS", "BENCH_WORKLOADS", "BENCH_EDGEPROXY_ENV"} {
 		if s := os.Getenv(v); s != "" {
 			over = append(over, v+"="+s)
 		}
@@ -263,12 +311,18 @@ func (b *bench) measure() error {
 	}
 	var err error
 	b.server, err = startProc("backend", b.nsB, filepath.Join(b.tmp, "backend.log"), os.Environ(), "READY", nil,
-		b.self, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", backendPrt))
+		b.self, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", backendPrt), "-ping-cpu", strconv.Itoa(b.cfg.BackendCPU))
 	if err != nil {
 		return err
 	}
 	if err := b.server.waitReady(b.ctx, 10*time.Second); err != nil {
 		return err
+	}
+	if b.sockperf != "" {
+		if err := b.startSockperfServer(); err != nil {
+			b.problem("sockperf server: %v; the direct round trip is not checked", err)
+			b.sockperf = ""
+		}
 	}
 	if b.has(cSockmap) || b.has(cSplice) {
 		if err := b.makeDB(); err != nil {
@@ -310,9 +364,6 @@ func (b *bench) measure() error {
 				if b.ctx.Err() != nil {
 					return b.ctx.Err()
 				}
-				if w == "idle" && name == cDirect {
-					continue
-				}
 				if err := b.ensureRunning(c, round); err != nil {
 					b.problem("round %d %s: cannot (re)start: %v", round, name, err)
 					break
@@ -322,6 +373,9 @@ func (b *bench) measure() error {
 				time.Sleep(300 * time.Millisecond)
 			}
 		}
+	}
+	if b.cfg.SyscallConns > 0 && b.strace != "" {
+		b.syscallPhase()
 	}
 	return nil
 }
@@ -337,6 +391,9 @@ func (b *bench) teardown() {
 	}
 	if b.server != nil {
 		b.server.stop(2 * time.Second)
+	}
+	if b.sockSrv != nil {
+		b.sockSrv.stop(2 * time.Second)
 	}
 	if b.deleteNetns != nil {
 		if err := b.deleteNetns(); err != nil {
@@ -366,10 +423,11 @@ func (b *bench) makeDB() error {
 }
 
 func (b *bench) writeHAProxyConfig() error {
+	// One thread per CPU, as the issue compares against.
 	cfg := fmt.Sprintf(`# edgeproxy bench: HAProxy in TCP mode, splice forced both ways
 global
     maxconn 7000
-    nbthread 2
+    nbthread %d
 
 defaults
     mode tcp
@@ -382,7 +440,7 @@ defaults
 listen bench
     bind 0.0.0.0:%d
     server backend %s:%d
-`, proxyPorts[cHAProxy], backendIP, backendPrt)
+`, runtime.NumCPU(), proxyPorts[cHAProxy], backendIP, backendPrt)
 	return os.WriteFile(filepath.Join(b.tmp, "haproxy.cfg"), []byte(cfg), 0o644)
 }
 
@@ -604,11 +662,33 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 	var err error
 	switch w {
 	case "pingpong":
-		res, errOut, err = b.client(180*time.Second, "pingpong", c.addr, "-n", strconv.Itoa(b.cfg.Pings), "-warm", strconv.Itoa(b.cfg.PingWarm))
+		// sockperf just before and just after the harness (direct only), so
+		// a disagreement is not a change of the machine between the two.
+		sockBefore, sockErr := math.NaN(), error(nil)
+		if c.name == cDirect && b.sockperf != "" {
+			sockBefore, sockErr = b.sockperfRTT(b.cfg.ClientCPU)
+		}
+		res, errOut, err = b.client(180*time.Second, "pingpong", c.addr, "-n", strconv.Itoa(b.cfg.Pings), "-warm", strconv.Itoa(b.cfg.PingWarm),
+			"-cpu", strconv.Itoa(b.cfg.ClientCPU))
 		if err == nil {
 			b.record(&run, mRTT50, res.P50us)
 			b.record(&run, mRTT99, res.P99us)
 			b.logf("[%d/%d] %-18s round trip  p50 %7.1f µs  p99 %7.1f µs", round, b.cfg.Rounds, c.name, res.P50us, res.P99us)
+		}
+		if err == nil && c.name == cDirect && b.sockperf != "" {
+			b.sockperfCheck(round, &run, res.P50us, sockBefore, sockErr)
+		}
+	case "pingpong1cpu":
+		if b.cfg.BackendCPU < 0 {
+			b.note("pingpong1cpu skipped: the round-trip threads are not pinned (BENCH_PIN=0)")
+			return
+		}
+		res, errOut, err = b.client(180*time.Second, "pingpong", c.addr, "-n", strconv.Itoa(b.cfg.Pings), "-warm", strconv.Itoa(b.cfg.PingWarm),
+			"-cpu", strconv.Itoa(b.cfg.BackendCPU))
+		if err == nil {
+			b.record(&run, mRTTSame, res.P50us)
+			b.logf("[%d/%d] %-18s round trip, client and backend on CPU %d: p50 %7.1f µs  p99 %7.1f µs", round, b.cfg.Rounds, c.name,
+				b.cfg.BackendCPU, res.P50us, res.P99us)
 		}
 	case "bulk1", "bulk4":
 		streams := "1"
@@ -619,6 +699,9 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 		if err == nil && res != nil {
 			if w == "bulk1" {
 				b.record(&run, mBulk1, res.Gbps)
+				if res.CPUSecsPerGB > 0 {
+					b.record(&run, mCPUGB1, res.CPUSecsPerGB)
+				}
 			} else {
 				b.record(&run, mBulk4, res.Gbps)
 				if res.CPUSecsPerGB > 0 {
@@ -632,18 +715,38 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 		res, errOut, err = b.client(timed, "conns", c.addr, "-workers", strconv.Itoa(b.cfg.ConnWorkers), "-secs", secs, "-warm-secs", warm)
 		if err == nil && res != nil {
 			b.record(&run, mConns, res.ConnsPerSec)
-			b.logf("[%d/%d] %-18s new conns   %7.0f /s", round, b.cfg.Rounds, c.name, res.ConnsPerSec)
+			b.logf("[%d/%d] %-18s new conns   %7.0f /s (%d concurrent)", round, b.cfg.Rounds, c.name, res.ConnsPerSec, b.cfg.ConnWorkers)
+		}
+	case "rr2k":
+		res, errOut, err = b.client(timed, "rr", c.addr, "-conns", strconv.Itoa(b.cfg.RRConns), "-size", strconv.Itoa(b.cfg.RRSize),
+			"-secs", secs, "-warm-secs", warm)
+		if err == nil && res != nil {
+			b.record(&run, mRR, res.RequestsPerSec)
+			if res.CPUUsPerReq > 0 {
+				b.record(&run, mRRCPU, res.CPUUsPerReq)
+			}
+			b.logf("[%d/%d] %-18s rr %d B x%d  %7.0f req/s  CPU %.1f µs/req", round, b.cfg.Rounds, c.name, b.cfg.RRSize, b.cfg.RRConns,
+				res.RequestsPerSec, res.CPUUsPerReq)
 		}
 	case "idle":
 		res, run.Extra, err = b.idle(c)
 		if err == nil && res != nil && res.Opened > 0 {
+			slabBefore, _ := run.Extra["slab_before_kib"].(int64)
+			slabAfter, _ := run.Extra["slab_after_kib"].(int64)
+			slab := float64(slabAfter-slabBefore) / float64(res.Opened)
+			b.record(&run, mSlab, slab)
+			if c.name == cDirect {
+				b.logf("[%d/%d] %-18s idle        %d conns, machine slab %+.2f KiB/conn (the baseline: client and backend sockets)",
+					round, b.cfg.Rounds, c.name, res.Opened, slab)
+				break
+			}
 			before, _ := run.Extra["rss_before_kib"].(int64)
 			after, _ := run.Extra["rss_after_kib"].(int64)
 			per := float64(after-before) / float64(res.Opened)
 			b.record(&run, mRSS, per)
 			b.record(&run, mHeld, float64(after)/1024)
-			b.logf("[%d/%d] %-18s idle        %d conns, RSS %d -> %d KiB, %.2f KiB/conn, descriptors %v -> %v",
-				round, b.cfg.Rounds, c.name, res.Opened, before, after, per, run.Extra["fds_before"], run.Extra["fds_after"])
+			b.logf("[%d/%d] %-18s idle        %d conns, RSS %d -> %d KiB, %.2f KiB/conn, machine slab %+.2f KiB/conn, descriptors %v -> %v",
+				round, b.cfg.Rounds, c.name, res.Opened, before, after, per, slab, run.Extra["fds_before"], run.Extra["fds_after"])
 		}
 	}
 	run.Client = res
@@ -667,16 +770,32 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 
 // idle restarts the proxy, reads its RSS, has the client hold
 // IdleConns connections, reads RSS again and lets the client close them.
+//
+// Kernel memory: the machine's live slab objects (slabObjectsKiB) read
+// just before and after. For direct (no proxy process) only the slab is
+// read: it is the baseline of the client's and backend's own sockets.
 func (b *bench) idle(c *contender) (*clientResult, map[string]any, error) {
-	if err := b.restart(c); err != nil {
-		return nil, nil, fmt.Errorf("restart: %w", err)
+	pid := 0
+	var before int64
+	extra := map[string]any{}
+	if c.name != cDirect {
+		if err := b.restart(c); err != nil {
+			return nil, nil, fmt.Errorf("restart: %w", err)
+		}
+		pid = c.p.pid()
+		time.Sleep(300 * time.Millisecond)
+		var err error
+		if before, err = rssKiB(pid); err != nil {
+			return nil, nil, err
+		}
+		extra = map[string]any{"rss_before_kib": before, "pid": pid, "fds_before": countFDs(pid), "status_before": memStatus(pid)}
 	}
-	pid := c.p.pid()
-	time.Sleep(300 * time.Millisecond)
-	before, err := rssKiB(pid)
+	slabBefore, pagesBefore, cachesBefore, err := readSlab()
 	if err != nil {
 		return nil, nil, err
 	}
+	extra["slab_before_kib"] = slabBefore
+	extra["meminfo_slab_before_kib"] = pagesBefore
 	ctx, cancel := context.WithTimeout(b.ctx, 180*time.Second)
 	defer cancel()
 	argv := nsArgv(b.nsC, b.self, "client", "-w", "idle", "-addr", c.addr, "-n", strconv.Itoa(b.cfg.IdleConns))
@@ -698,19 +817,29 @@ func (b *bench) idle(c *contender) (*clientResult, map[string]any, error) {
 	sc := bufio.NewScanner(stdout)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	var ready *clientResult
-	var after int64
-	extra := map[string]any{"rss_before_kib": before, "pid": pid, "fds_before": countFDs(pid), "status_before": memStatus(pid)}
 	for sc.Scan() {
 		line := sc.Text()
 		if strings.HasPrefix(line, "READY ") {
 			ready = lastJSON(line)
 			time.Sleep(time.Second)
-			after, err = rssKiB(pid)
-			extra["rss_after_kib"] = after
-			extra["fds_after"] = countFDs(pid)
-			extra["status_after"] = memStatus(pid)
-			if !c.p.alive() {
-				err = errors.New("proxy exited while holding idle connections")
+			slabAfter, pagesAfter, cachesAfter, serr := readSlab()
+			if serr != nil {
+				err = serr
+			}
+			extra["slab_after_kib"] = slabAfter
+			extra["meminfo_slab_after_kib"] = pagesAfter
+			extra["slab_caches_kib"] = slabCacheGrowth(cachesBefore, cachesAfter)
+			if pid != 0 {
+				after, rerr := rssKiB(pid)
+				if rerr != nil {
+					err = rerr
+				}
+				extra["rss_after_kib"] = after
+				extra["fds_after"] = countFDs(pid)
+				extra["status_after"] = memStatus(pid)
+				if !c.p.alive() {
+					err = errors.New("proxy exited while holding idle connections")
+				}
 			}
 			_, _ = stdin.Write([]byte("done\n"))
 			break
@@ -751,6 +880,7 @@ func machineInfo(edgeproxy, haproxy string) Machine {
 			}
 		}
 	}
+	m.CPUIdle = cpuIdleInfo()
 	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.HasPrefix(l, "MemTotal:") {
