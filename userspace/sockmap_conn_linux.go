@@ -108,13 +108,15 @@ type smConn struct {
 	deadline        time.Time // this connect attempt's deadline
 	connectBy       time.Time // every attempt's deadline together
 	lastActive      time.Time // a byte moved either way (idle sweep)
+	// keepaliveAt is when the backend socket gets its keepalive options,
+	// zero once it has them (see keepaliveDelay).
+	keepaliveAt time.Time
 	// mapSockets and mapPairings are the entries this connection holds in
 	// the sockhash and pairings maps, for counts a scrape can read.
 	mapSockets, mapPairings int64
 }
 
-func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
-	client := sockaddrAddrPort(sa)
+func (p *sockmapPlane) startConn(cfd int, client netip.AddrPort) {
 	release, reject := p.env.admission.admit(client.Addr())
 	if release == nil {
 		p.env.log.Debug("client refused", "client", client, "reason", reject)
@@ -132,6 +134,9 @@ func (p *sockmapPlane) startConn(cfd int, sa unix.Sockaddr) {
 	now := time.Now()
 	c := &smConn{lease: lease, release: release, clientAddr: client, start: now, lastActive: now}
 	c.connectBy = now.Add(p.env.connectTimeout)
+	if p.env.keepalive > 0 {
+		c.keepaliveAt = now.Add(keepaliveDelay(p.env.keepalive))
+	}
 	c.client = endpoint{conn: c, fd: cfd}
 	c.backend = endpoint{conn: c, fd: -1, base: 1}
 	c.client.peer, c.backend.peer = &c.backend, &c.client
@@ -161,9 +166,9 @@ func (p *sockmapPlane) dial(c *smConn) {
 	p.track(&c.backend)
 	// Small writes go out at once: the redirect path hands each skb to
 	// the peer's send path, and Nagle would hold a ping-pong's reply.
-	// (Accepted sockets inherit TCP_NODELAY from the listener.)
+	// (Accepted sockets inherit TCP_NODELAY from the listener; keepalive
+	// comes later, see keepaliveDelay.)
 	_ = unix.SetsockoptInt(bfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	_ = setKeepalive(bfd, p.env.keepalive)
 	sa, err := backendSockaddr(target)
 	if err != nil {
 		p.failConnect(c, err)
@@ -217,10 +222,18 @@ func (p *sockmapPlane) failConnect(c *smConn, err error) {
 	p.dial(c)
 }
 
-func (p *sockmapPlane) finishConnect(c *smConn) {
-	if errno, err := unix.GetsockoptInt(c.backend.fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || errno != 0 {
+// finishConnect completes a dial epoll reported on. A plain EPOLLOUT is
+// a connect that succeeded: a failed one always carries EPOLLERR (the
+// socket's error is set) and EPOLLHUP (it is closed), see tcp_poll; only
+// then is SO_ERROR read, for the reason.
+func (p *sockmapPlane) finishConnect(c *smConn, events uint32) {
+	if events&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		errno, err := unix.GetsockoptInt(c.backend.fd, unix.SOL_SOCKET, unix.SO_ERROR)
 		if err == nil {
 			err = unix.Errno(errno)
+			if errno == 0 {
+				err = errors.New("connection closed by the backend")
+			}
 		}
 		p.failConnect(c, fmt.Errorf("connect: %w", err))
 		return
@@ -236,10 +249,10 @@ func (p *sockmapPlane) finishConnect(c *smConn) {
 	p.settle(c)
 }
 
-// pair puts both sockets into the sockhash, unarmed, then kicks each so
-// bytes that arrived before insertion (a client that spoke first, a
-// backend that greeted at once) run through the verdict now instead of
-// waiting for the next arrival.
+// pair puts both sockets into the sockhash, unarmed, and registers them
+// with epoll. Bytes that arrived before insertion (a client that spoke
+// first, a backend that greeted at once) make the registration report the
+// socket readable, and kickUnseen runs the verdict over them.
 func (p *sockmapPlane) pair(c *smConn) error {
 	for _, ep := range []*endpoint{&c.client, &c.backend} {
 		cookie, err := unix.GetsockoptUint64(ep.fd, unix.SOL_SOCKET, unix.SO_COOKIE)
@@ -285,16 +298,24 @@ func (p *sockmapPlane) pair(c *smConn) error {
 	if err := p.register(&c.client, epollIn); err != nil {
 		return err
 	}
-	for _, ep := range []*endpoint{&c.client, &c.backend} {
-		if err := unix.SetsockoptInt(ep.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1); err != nil {
-			return fmt.Errorf("kick socket: %w", err)
+	if phase == connCopying {
+		// Userspace reads these sockets itself: bytes queued before
+		// insertion must go through the verdict before later ones.
+		for _, ep := range []*endpoint{&c.client, &c.backend} {
+			if err := kick(ep.fd); err != nil {
+				return err
+			}
 		}
 	}
+	// A spliced socket is kicked only if epoll shows bytes the verdict
+	// has not seen (kickUnseen): registering it below reports them.
 	return nil
 }
 
 // settle propagates FINs whose bytes have all reached the peer's send
-// queue, and closes the connection once both directions are done.
+// queue, and closes the connection once both directions are done. The
+// last FIN is sent by closing the socket (an orderly close sends FIN after
+// the send queue, as shutdown does): one system call fewer.
 func (p *sockmapPlane) settle(c *smConn) {
 	waiting := false
 	for _, src := range []*endpoint{&c.client, &c.backend} {
@@ -302,18 +323,26 @@ func (p *sockmapPlane) settle(c *smConn) {
 		if src.state != dirDraining {
 			continue
 		}
-		sent, err := sentTo(dst)
-		if err != nil {
-			p.reset(c, "reset", "read peer send queue")
-			return
-		}
-		if sent < src.final || len(src.pending) > 0 {
+		if len(src.pending) > 0 {
 			waiting = true
 			continue
 		}
-		if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil {
-			p.reset(c, "reset", "half-close peer")
-			return
+		if src.redirected {
+			done, err := landed(dst, src.final)
+			if err != nil {
+				p.reset(c, "reset", "read peer send queue")
+				return
+			}
+			if !done {
+				waiting = true
+				continue
+			}
+		}
+		if dst.state != dirClosed {
+			if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil {
+				p.reset(c, "reset", "half-close peer")
+				return
+			}
 		}
 		if !p.step(src, evFINSent) {
 			return
@@ -326,6 +355,24 @@ func (p *sockmapPlane) settle(c *smConn) {
 	if waiting {
 		p.watch(c)
 	}
+}
+
+// landed reports whether the first n payload bytes have entered ep's send
+// queue. Acknowledged is enough, and usually so by the time a FIN follows
+// a reply, so SIOCOUTQ is asked only when TCP_INFO alone falls short.
+func landed(ep *endpoint, n uint64) (bool, error) {
+	info, err := unix.GetsockoptTCPInfo(ep.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return false, fmt.Errorf("tcp info: %w", err)
+	}
+	if info.Bytes_acked-min(info.Bytes_acked, ep.base) >= n {
+		return true, nil
+	}
+	outq, err := unix.IoctlGetInt(ep.fd, unix.SIOCOUTQ)
+	if err != nil {
+		return false, fmt.Errorf("outq: %w", err)
+	}
+	return info.Bytes_acked+uint64(outq)-ep.base >= n, nil
 }
 
 // sentTo is how many payload bytes have entered ep's send queue, counted
@@ -377,13 +424,27 @@ func (p *sockmapPlane) finish(c *smConn, how string) {
 
 // reset ends a connection at once; both remotes see RST.
 func (p *sockmapPlane) reset(c *smConn, how, cause string) {
+	p.resetAfter(c, nil, how, cause)
+}
+
+// resetAfter resets c after its socket dead was reset by its remote: that
+// socket is closed plainly (nothing is left to tell its remote), the other
+// with RST.
+func (p *sockmapPlane) resetAfter(c *smConn, dead *endpoint, how, cause string) {
 	if c.phase != connClosed {
 		p.env.log.Debug("connection aborted", "client", c.clientAddr, "backend", c.lease.Backend.ID, "cause", cause)
 	}
-	p.teardown(c, true, how)
+	p.teardownExcept(c, true, dead, how)
 }
 
 func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
+	p.teardownExcept(c, hard, nil, how)
+}
+
+// teardownExcept ends c, closing its sockets with RST when hard, except
+// dead, which is closed plainly. The pairing entries are deleted with the
+// next batch (flushUnpairs): the sockets leave the sockhash as they close.
+func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how string) {
 	if c.phase == connClosed {
 		return
 	}
@@ -396,22 +457,19 @@ func (p *sockmapPlane) teardown(c *smConn, hard bool, how string) {
 	delete(p.recheck, c)
 	p.counters.active.Add(-1)
 	p.counters.pairedSockets.Add(-c.mapSockets)
-	p.counters.pairings.Add(-c.mapPairings)
-	if paired {
-		if err := p.maps.Unpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie}); err != nil {
-			p.env.log.Error("unpair failed", "client", c.clientAddr, "err", err)
-		}
-	}
 	for _, ep := range []*endpoint{&c.client, &c.backend} {
 		if ep.fd < 0 {
 			continue
 		}
 		p.byFD[ep.fd] = nil
-		if hard {
+		if hard && ep != dead {
 			closeWithReset(ep.fd)
 		} else {
 			unix.Close(ep.fd)
 		}
+	}
+	if paired && c.mapPairings > 0 {
+		p.queueUnpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie})
 	}
 	c.lease.Release()
 	c.release()
@@ -439,6 +497,14 @@ func (ep *endpoint) describe() string {
 	return fmt.Sprintf("%s socket (direction %s settled=%d count=%d sent_to=%d pending=%d; peer direction %s final=%d)",
 		ep.side(), ep.state, ep.settled, word&loader.FlowCountMask, sent, len(ep.pending), ep.peer.state, ep.peer.final)
 }
+
+// keepaliveDelay is how long a backend socket goes without keepalive: a
+// connection shorter than that never needs a probe, and most are, so most
+// never pay the four setsockopt calls. A dead backend is found at most
+// this much later than the idle time says: a second at most, half the
+// idle time when that is shorter. (Clients inherit keepalive from the
+// listening socket at no cost.)
+func keepaliveDelay(idle time.Duration) time.Duration { return min(idle/2, time.Second) }
 
 // setKeepalive turns on TCP keepalive with idle time idle (off when 0):
 // a peer that vanished without FIN or RST is then reset by the kernel,
@@ -484,14 +550,4 @@ func backendSockaddr(ap netip.AddrPort) (unix.Sockaddr, error) {
 func closeWithReset(fd int) {
 	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
 	unix.Close(fd)
-}
-
-func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
-	}
-	return netip.AddrPort{}
 }

@@ -153,6 +153,18 @@ type direction struct {
 	// rcvbuf is the receive buffer to restore once armed again, 0 when not
 	// shrunk: while paused, bytes wait in the source's own queue.
 	rcvbuf int
+	// armedAt is the count when the direction was last armed: bytes
+	// counted beyond it were redirected by the kernel.
+	armedAt uint64
+	// redirected is set once a byte of this direction went through the
+	// kernel's redirect path. Until then userspace wrote every byte into
+	// the peer itself, so they are all in its send queue and passing on
+	// the FIN needs no probe of that queue.
+	redirected bool
+	// ackedFloor is what the peer had acknowledged at the last look: the
+	// backlog is at most count - ackedFloor, so while that is small the
+	// backlog check costs no system call.
+	ackedFloor uint64
 }
 
 // transition moves the direction on ev, or refuses a step the table does
@@ -226,6 +238,7 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 				if !p.step(src, evArmed) {
 					return false
 				}
+				src.armedAt = count
 				src.behind = 0
 				p.unclamp(src)
 				p.restoreReceive(src)
@@ -415,10 +428,16 @@ func (p *sockmapPlane) restoreReceive(src *endpoint) {
 	}
 }
 
-// checkEOF looks for the remote's FIN on an armed socket. recv takes the
-// socket lock, so once it returns 0 the verdict has seen every byte that
-// came before the FIN and the count is final.
+// checkEOF looks for the remote's FIN on an armed socket. The verdict sets
+// the FIN bit when the bare FIN skb reaches it, after every skb before it,
+// so the count is final then and no system call is needed. A FIN that came
+// with payload is invisible to the verdict; then recv, which takes the
+// socket lock, proves it: once it returns 0 the verdict has seen every byte
+// that came before the FIN.
 func (p *sockmapPlane) checkEOF(src *endpoint) bool {
+	if s := atomic.LoadUint64(src.flow); s&loader.FlowFIN != 0 {
+		return p.endArmed(src, s&loader.FlowCountMask)
+	}
 	var b [1]byte
 	n, _, err := unix.Recvfrom(src.fd, b[:], unix.MSG_DONTWAIT|unix.MSG_PEEK)
 	switch {
@@ -428,8 +447,7 @@ func (p *sockmapPlane) checkEOF(src *endpoint) bool {
 		p.reset(src.conn, "reset", "probe for EOF")
 		return false
 	case n == 0:
-		src.final = atomic.LoadUint64(src.flow) & loader.FlowCountMask
-		return p.step(src, evEOF)
+		return p.endArmed(src, atomic.LoadUint64(src.flow)&loader.FlowCountMask)
 	}
 	// Bytes in the socket's own queue while armed: a redirect failed
 	// because the peer is gone.
@@ -438,6 +456,15 @@ func (p *sockmapPlane) checkEOF(src *endpoint) bool {
 		return false
 	}
 	return true
+}
+
+// endArmed ends an armed direction whose source sent FIN after final bytes.
+func (p *sockmapPlane) endArmed(src *endpoint, final uint64) bool {
+	src.final = final
+	if final > src.armedAt {
+		src.redirected = true
+	}
+	return p.step(src, evEOF)
 }
 
 // checkBacklog bounds the bytes redirected into a peer's psock queue but
@@ -462,6 +489,12 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	// sender from overshooting its share by a tick's worth of bytes.
 	growth := count - src.lastSeen
 	src.lastSeen = count
+	limit := p.pauseBacklog()
+	if count-min(src.ackedFloor, count)+growth < limit {
+		// Even if the receiver acknowledged nothing since the last look,
+		// the backlog is under the limit: no need to ask the kernel.
+		return
+	}
 	// Everything the receiver has not acknowledged is parked here: the
 	// psock queue, and the peer socket's send queue behind it.
 	info, err := unix.GetsockoptTCPInfo(src.peer.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
@@ -469,11 +502,12 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 		return
 	}
 	delivered := info.Bytes_acked - min(info.Bytes_acked, src.peer.base)
+	src.ackedFloor = delivered
 	if delivered > count {
 		return
 	}
 	backlog := count - delivered
-	if backlog+growth < p.pauseBacklog() {
+	if backlog+growth < limit {
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -482,6 +516,9 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 				return
 			}
 			src.settled = s & loader.FlowCountMask
+			if src.settled > src.armedAt {
+				src.redirected = true
+			}
 			p.shrinkReceive(src)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,

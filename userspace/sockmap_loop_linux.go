@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/edgeproxy/edgeproxy/loader"
 	"golang.org/x/sys/unix"
@@ -38,7 +40,10 @@ type sockmapPlane struct {
 	conns              map[*smConn]struct{}
 	// recheck holds the connections the next tick re-examines: what epoll
 	// will not report (bytes draining into a peer, a forward cut short).
-	recheck  map[*smConn]struct{}
+	recheck map[*smConn]struct{}
+	// unpairs are the pairings of closed connections, deleted in one
+	// bpf() call on the next tick (or once maxUnpairBatch wait).
+	unpairs  []loader.Pair
 	buf      []byte
 	counters *sockmapCounters // shared by every loop
 	accepted atomic.Uint64    // connections this loop accepted
@@ -89,6 +94,11 @@ const (
 	fdTableGrowth = 1024
 	// acceptPause is how long accepts stop after accept itself failed.
 	acceptPause = 100 * time.Millisecond
+	// maxUnpairBatch bounds the pairings of closed connections waiting
+	// for the next tick: at about 10,000 closes a second a tick gathers
+	// 50, so this is reached only in bursts, and it keeps stale entries a
+	// small fraction of the pairings map.
+	maxUnpairBatch = 512
 )
 
 // sockmapLoops is the sockmap data plane: EDGEPROXY_WORKERS event loops,
@@ -236,13 +246,15 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 			for c := range p.conns {
 				p.reset(c, "shutdown", "drain ended")
 			}
+			p.flushUnpairs()
 			return nil
 		}
 		if p.lnfd < 0 && len(p.conns) == 0 {
+			p.flushUnpairs()
 			return nil
 		}
 		timeout := -1
-		if len(p.conns) > 0 {
+		if len(p.conns) > 0 || len(p.unpairs) > 0 {
 			timeout = millisUntil(nextTick)
 		}
 		if !p.acceptPausedUntil.IsZero() {
@@ -331,22 +343,28 @@ func (p *sockmapPlane) dispatch(fd int, events uint32) {
 	ep := p.byFD[fd]
 	c := ep.conn
 	if c.phase == connDialling {
-		p.finishConnect(c)
+		p.finishConnect(c, events)
 		return
 	}
 	if events&unix.EPOLLERR != 0 {
-		if errno, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); errno != 0 {
-			cause := unix.Errno(errno).Error()
-			if p.env.log.Enabled(context.Background(), slog.LevelDebug) {
-				// Two more system calls: only worth it for a debug line.
-				cause += " on " + ep.describe()
+		// EPOLLERR on a TCP socket is its error set (tcp_poll: sk_err, or
+		// an error queue this proxy never enables): the remote reset it,
+		// or keepalive gave up. Which one is read only for a debug line.
+		cause := "socket error"
+		if p.env.log.Enabled(context.Background(), slog.LevelDebug) {
+			if errno, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); errno != 0 {
+				cause = unix.Errno(errno).Error()
 			}
-			p.reset(c, "reset", cause)
-			return
+			cause += " on " + ep.describe()
 		}
+		p.resetAfter(c, ep, "reset", cause)
+		return
 	}
 	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		ep.hangup = true
+	}
+	if c.phase == connSpliced && events&(unix.EPOLLIN|unix.EPOLLRDHUP) != 0 {
+		p.kickUnseen(ep)
 	}
 	if events&unix.EPOLLOUT != 0 && !p.forward(ep.peer) {
 		return
@@ -359,11 +377,11 @@ func (p *sockmapPlane) dispatch(fd int, events uint32) {
 
 func (p *sockmapPlane) acceptRun() {
 	for range maxAcceptRun {
-		fd, sa, err := unix.Accept4(p.lnfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		fd, client, err := acceptTCP(p.lnfd)
 		switch {
 		case err == nil:
 			p.accepted.Add(1)
-			p.startConn(fd, sa)
+			p.startConn(fd, client)
 		case errors.Is(err, unix.EAGAIN):
 			return
 		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
@@ -423,6 +441,7 @@ func (p *sockmapPlane) watch(c *smConn) { p.recheck[c] = struct{}{} }
 // bytes draining into a peer (FIN and resume wait on it), and backlog
 // growth behind a slow receiver.
 func (p *sockmapPlane) onTick(now time.Time) {
+	p.flushUnpairs()
 	if (p.env.idleTimeout > 0 || p.env.stallTimeout > 0) && !now.Before(p.nextSweep) {
 		p.nextSweep = now.Add(sweepPeriod)
 		p.sweep(now)
@@ -433,6 +452,12 @@ func (p *sockmapPlane) onTick(now time.Time) {
 				p.failConnect(c, fmt.Errorf("connect: timed out after %s", c.deadline.Sub(c.start).Round(time.Millisecond)))
 			}
 			continue
+		}
+		if !c.keepaliveAt.IsZero() && !now.Before(c.keepaliveAt) {
+			c.keepaliveAt = time.Time{}
+			if err := setKeepalive(c.backend.fd, p.env.keepalive); err != nil {
+				p.env.log.Debug("backend keepalive not set", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
+			}
 		}
 		if _, due := p.recheck[c]; due {
 			delete(p.recheck, c)
@@ -492,4 +517,86 @@ func (p *sockmapPlane) sweep(now time.Time) {
 // second.
 func stallSweepPeriod(stall time.Duration) time.Duration {
 	return min(max(stall/4, time.Second), 15*time.Second)
+}
+
+// queueUnpair has c's pairing entries deleted with the next batch.
+func (p *sockmapPlane) queueUnpair(pair loader.Pair) {
+	p.unpairs = append(p.unpairs, pair)
+	if len(p.unpairs) >= maxUnpairBatch {
+		p.flushUnpairs()
+	}
+}
+
+// flushUnpairs deletes the pairing entries of the connections closed since
+// the last flush, in one bpf() call.
+func (p *sockmapPlane) flushUnpairs() {
+	if len(p.unpairs) == 0 {
+		return
+	}
+	if err := p.maps.Unpair(p.unpairs...); err != nil {
+		p.env.log.Error("unpair failed", "connections", len(p.unpairs), "err", err)
+	}
+	p.counters.pairings.Add(-2 * int64(len(p.unpairs)))
+	p.unpairs = p.unpairs[:0]
+}
+
+// acceptTCP accepts one client, non-blocking and close-on-exec, and
+// decodes its address itself: unix.Accept4 asks the kernel for the
+// socket's protocol (SO_PROTOCOL, to tell L2TP apart) on every accept, a
+// system call a TCP listener does not need.
+func acceptTCP(lnfd int) (int, netip.AddrPort, error) {
+	var raw unix.RawSockaddrAny
+	size := uint32(unix.SizeofSockaddrAny)
+	fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lnfd), uintptr(unsafe.Pointer(&raw)),
+		uintptr(unsafe.Pointer(&size)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if errno != 0 {
+		return -1, netip.AddrPort{}, errno
+	}
+	return int(fd), rawAddrPort(&raw), nil
+}
+
+// rawAddrPort is the address of an AF_INET or AF_INET6 socket address,
+// IPv4-mapped IPv6 unmapped; the port is stored in network byte order.
+func rawAddrPort(raw *unix.RawSockaddrAny) netip.AddrPort {
+	switch raw.Addr.Family {
+	case unix.AF_INET:
+		in := (*unix.RawSockaddrInet4)(unsafe.Pointer(raw))
+		return netip.AddrPortFrom(netip.AddrFrom4(in.Addr), networkPort(in.Port))
+	case unix.AF_INET6:
+		in := (*unix.RawSockaddrInet6)(unsafe.Pointer(raw))
+		return netip.AddrPortFrom(netip.AddrFrom16(in.Addr).Unmap(), networkPort(in.Port))
+	}
+	return netip.AddrPort{}
+}
+
+func networkPort(port uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(&port))
+	return uint16(b[0])<<8 | uint16(b[1])
+}
+
+// kickUnseen makes the kernel run the verdict over bytes that reached ep's
+// socket before it entered the sockhash: they wait in its receive queue,
+// and the verdict runs over that queue, in order, only when more bytes
+// arrive, which a request/response peer may never do. Setting SO_RCVLOWAT
+// runs the socket's data-ready path now. It is needed only while the
+// verdict has never run for the socket (its flow word holds no count and
+// no FIN): epoll reported the socket readable, yet no skb went through the
+// verdict, so the bytes it saw were queued before insertion. (Registering
+// a socket, or changing its registration, reports what is already
+// readable, so the event is not missed.) Kicking every socket at pairing
+// instead cost two system calls per connection.
+func (p *sockmapPlane) kickUnseen(ep *endpoint) {
+	if atomic.LoadUint64(ep.flow)&^loader.FlowArmed != 0 {
+		return
+	}
+	if err := kick(ep.fd); err != nil {
+		p.reset(ep.conn, "reset", err.Error())
+	}
+}
+
+func kick(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1); err != nil {
+		return fmt.Errorf("kick socket: %w", err)
+	}
+	return nil
 }
