@@ -42,8 +42,9 @@ type sockmapPlane struct {
 	// will not report (bytes draining into a peer, a forward cut short).
 	recheck map[*smConn]struct{}
 	// unpairs are the pairings of closed connections, deleted in one
-	// bpf() call on the next tick (or once maxUnpairBatch wait).
+	// bpf() call at unpairBy (or once maxUnpairBatch wait).
 	unpairs  []loader.Pair
+	unpairBy time.Time
 	buf      []byte
 	counters *sockmapCounters // shared by every loop
 	accepted atomic.Uint64    // connections this loop accepted
@@ -94,10 +95,13 @@ const (
 	fdTableGrowth = 1024
 	// acceptPause is how long accepts stop after accept itself failed.
 	acceptPause = 100 * time.Millisecond
-	// maxUnpairBatch bounds the pairings of closed connections waiting
-	// for the next tick: at about 10,000 closes a second a tick gathers
-	// 50, so this is reached only in bursts, and it keeps stale entries a
-	// small fraction of the pairings map.
+	// unpairDelay is the longest the pairings of a closed connection wait
+	// to be deleted with others: a stale pairing is inert, and at a few
+	// thousand closes a second 50 ms gathers a hundred or more into one
+	// bpf() call.
+	unpairDelay = 50 * time.Millisecond
+	// maxUnpairBatch bounds the pairings waiting meanwhile, so stale
+	// entries stay a small fraction of the pairings map in a burst.
 	maxUnpairBatch = 512
 )
 
@@ -254,8 +258,10 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 			return nil
 		}
 		timeout := -1
-		if len(p.conns) > 0 || len(p.unpairs) > 0 {
+		if len(p.conns) > 0 {
 			timeout = millisUntil(nextTick)
+		} else if len(p.unpairs) > 0 {
+			timeout = millisUntil(p.unpairBy)
 		}
 		if !p.acceptPausedUntil.IsZero() {
 			// The listener is out of epoll: wake up to put it back.
@@ -269,6 +275,9 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 		}
 		for i := range max(n, 0) {
 			p.dispatch(int(events[i].Fd), events[i].Events)
+		}
+		if len(p.conns) == 0 && len(p.unpairs) > 0 && !time.Now().Before(p.unpairBy) {
+			p.flushUnpairs()
 		}
 		if now := time.Now(); !now.Before(nextTick) {
 			p.onTick(now)
@@ -441,7 +450,9 @@ func (p *sockmapPlane) watch(c *smConn) { p.recheck[c] = struct{}{} }
 // bytes draining into a peer (FIN and resume wait on it), and backlog
 // growth behind a slow receiver.
 func (p *sockmapPlane) onTick(now time.Time) {
-	p.flushUnpairs()
+	if len(p.unpairs) > 0 && !now.Before(p.unpairBy) {
+		p.flushUnpairs()
+	}
 	if (p.env.idleTimeout > 0 || p.env.stallTimeout > 0) && !now.Before(p.nextSweep) {
 		p.nextSweep = now.Add(sweepPeriod)
 		p.sweep(now)
@@ -519,8 +530,12 @@ func stallSweepPeriod(stall time.Duration) time.Duration {
 	return min(max(stall/4, time.Second), 15*time.Second)
 }
 
-// queueUnpair has c's pairing entries deleted with the next batch.
+// queueUnpair has a closed connection's pairing entries deleted with the
+// next batch.
 func (p *sockmapPlane) queueUnpair(pair loader.Pair) {
+	if len(p.unpairs) == 0 {
+		p.unpairBy = time.Now().Add(unpairDelay)
+	}
 	p.unpairs = append(p.unpairs, pair)
 	if len(p.unpairs) >= maxUnpairBatch {
 		p.flushUnpairs()
