@@ -97,14 +97,15 @@ func (s *Sockmap) StoreActive(index uint32, active uint32) {
 	}
 }
 
-// Affinity is the pinned client -> backend binding map with a copy of it
-// in userspace. Reads come from the copy, with no system call; writes go
-// to the map first and to the copy once the map took them, so the map
-// always holds what the proxy routes by and bindings survive a restart.
-// The copy is loaded from the map when the data plane opens and rebuilt
-// from it on every sweep, so an entry an operator deleted with bpftool is
-// forgotten by the next sweep at the latest. Only one process writes the
-// map: the pin path is locked.
+// Affinity is the pinned client -> backend binding map with a bounded
+// copy of the bindings in use in userspace. A client seen recently is
+// looked up in the copy, with no system call; another costs one map
+// lookup, as before. Writes go to the map first and to the copy once the
+// map took them, so the map always holds what the proxy routes by and
+// bindings survive a restart. The copy is filled from the map when the
+// data plane opens and brought in line with it on every sweep, so an entry
+// an operator deleted with bpftool is forgotten by the next sweep at the
+// latest. Only one process writes the map: the pin path is locked.
 type Affinity struct {
 	m *ebpf.Map
 
@@ -124,7 +125,13 @@ type cachedBinding struct {
 // Affinity returns the binding map.
 func (s *Sockmap) Affinity() *Affinity { return s.affinity }
 
-// openAffinity wraps the map and loads every binding it holds.
+// affinityCopyEntries bounds the userspace copy: about 150 bytes each, so
+// at most about 10 MiB, where the map's million entries would cost 150
+// MiB of heap to mirror in full. A client beyond it costs one lookup.
+const affinityCopyEntries = 1 << 16
+
+// openAffinity wraps the map and copies the bindings it holds, up to
+// affinityCopyEntries of them.
 func openAffinity(m *ebpf.Map) (*Affinity, error) {
 	a := &Affinity{m: m, cached: map[proxyClientKey]cachedBinding{}}
 	if _, _, err := a.Sweep(func(string, time.Time) bool { return true }); err != nil {
@@ -152,10 +159,39 @@ func idString(id [BackendIDLen]int8) string {
 // Lookup returns the client's binding. IPv4 and its mapped IPv6 form are
 // the same client. It reads the userspace copy: no system call.
 func (a *Affinity) Lookup(client netip.Addr) (backendID string, lastUsed time.Time, ok bool, err error) {
+	key := clientKey(client)
 	a.mu.Lock()
-	b, ok := a.cached[clientKey(client)]
+	b, ok := a.cached[key]
 	a.mu.Unlock()
-	return b.backendID, b.lastUsed, ok, nil
+	if ok {
+		return b.backendID, b.lastUsed, true, nil
+	}
+	var stored proxyBinding
+	if err := a.m.Lookup(key, &stored); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return "", time.Time{}, false, nil
+		}
+		return "", time.Time{}, false, fmt.Errorf("look up binding of %s: %w", client, err)
+	}
+	b = cachedBinding{backendID: idString(stored.BackendId), lastUsed: time.Unix(0, int64(stored.LastUsedUnixNs)), written: time.Now()}
+	a.mu.Lock()
+	if _, raced := a.cached[key]; !raced {
+		a.remember(key, b)
+	}
+	a.mu.Unlock()
+	return b.backendID, b.lastUsed, true, nil
+}
+
+// remember puts b in the copy, making room by dropping any one entry when
+// the copy is full. Callers hold a.mu.
+func (a *Affinity) remember(key proxyClientKey, b cachedBinding) {
+	if _, known := a.cached[key]; !known && len(a.cached) >= affinityCopyEntries {
+		for k := range a.cached {
+			delete(a.cached, k)
+			break
+		}
+	}
+	a.cached[key] = b
 }
 
 // Bind records (or refreshes) the client's binding: one map write, then
@@ -172,17 +208,9 @@ func (a *Affinity) Bind(client netip.Addr, backendID string, now time.Time) erro
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, known := a.cached[key]; !known && len(a.cached) >= MaxAffinity {
-		// The LRU map has evicted one of its own by now; drop any one
-		// here so the copy stays as bounded as the map.
-		for k := range a.cached {
-			delete(a.cached, k)
-			break
-		}
-	}
 	// The stored id is cut like the map's, so the copy reads back what a
 	// restarted process would.
-	a.cached[key] = cachedBinding{backendID: idString(b.BackendId), lastUsed: time.Unix(0, int64(b.LastUsedUnixNs)), written: time.Now()}
+	a.remember(key, cachedBinding{backendID: idString(b.BackendId), lastUsed: time.Unix(0, int64(b.LastUsedUnixNs)), written: time.Now()})
 	return nil
 }
 
@@ -200,7 +228,8 @@ func (a *Affinity) Forget(client netip.Addr) error {
 
 // Sweep walks every binding and deletes those keep rejects; it returns how
 // many remain and how many it removed. The userspace copy is rebuilt from
-// the walk: what the walk saw and kept, plus what was written meanwhile.
+// the walk: what the walk saw and kept (up to affinityCopyEntries, those
+// already in the copy first), plus what was written meanwhile.
 func (a *Affinity) Sweep(keep func(backendID string, lastUsed time.Time) bool) (remaining, removed int, err error) {
 	start := time.Now()
 	a.mu.Lock()
@@ -222,7 +251,10 @@ func (a *Affinity) Sweep(keep func(backendID string, lastUsed time.Time) bool) (
 			id, last := idString(values[i].BackendId), time.Unix(0, int64(values[i].LastUsedUnixNs))
 			if keep(id, last) {
 				remaining++
-				seen[keys[i]] = cachedBinding{backendID: id, lastUsed: last, written: start}
+				b := cachedBinding{backendID: id, lastUsed: last, written: start}
+				if len(seen) < affinityCopyEntries/2 || a.inCopy(keys[i]) {
+					seen[keys[i]] = b
+				}
 			} else {
 				doomed = append(doomed, keys[i])
 			}
@@ -249,8 +281,21 @@ func (a *Affinity) Sweep(keep func(backendID string, lastUsed time.Time) bool) (
 			seen[k] = b // bound while the walk ran: newer than what it read
 		}
 	}
+	for k := range seen {
+		if len(seen) <= affinityCopyEntries {
+			break
+		}
+		delete(seen, k)
+	}
 	a.cached = seen
 	return remaining, removed, nil
+}
+
+func (a *Affinity) inCopy(key proxyClientKey) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.cached[key]
+	return ok
 }
 
 // sweepBatch is how many bindings one bpf() call of a sweep reads or
