@@ -29,6 +29,20 @@ static __always_inline void count_backend_bytes(__u32 counter, __u64 len)
 		*slot += len;
 }
 
+/* own_flow is the flow slot of the socket whose cookie is cookie, or NULL
+ * when the pairing names a slot out of range or one another socket owns
+ * now (userspace deletes the pairings of closed sockets in batches, a tick
+ * later, so a stale entry may name a reused descriptor's slot). */
+static __always_inline struct flow *own_flow(struct pairing *pair, __u64 cookie)
+{
+	__u32 slot = pair->flow;
+	struct flow *flow = bpf_map_lookup_elem(&flows, &slot);
+
+	if (!flow || flow->cookie != cookie)
+		return NULL;
+	return flow;
+}
+
 SEC("sk_skb/stream_verdict")
 int splice_verdict(struct __sk_buff *skb)
 {
@@ -36,27 +50,28 @@ int splice_verdict(struct __sk_buff *skb)
 	struct pairing *pair;
 	struct flow *flow;
 	__u64 before;
-	__u32 slot;
 
+	cookie = bpf_get_socket_cookie(skb);
+	pair = bpf_map_lookup_elem(&pairings, &cookie);
 	if (skb->len == 0) {
 		/* A bare FIN. TCP has already taken its meaning (the socket is
 		 * shut for reading), so dropping the empty skb loses nothing.
 		 * Redirected or passed, it could land in a psock backlog whose
 		 * worker reads a zero-byte transfer as a broken pipe and sets
 		 * EPIPE on the socket. Userspace propagates the FIN itself once
-		 * every byte before it has reached the peer. */
+		 * every byte before it has reached the peer; the FIN bit tells
+		 * it the count is final without a recv to prove it. */
+		if (pair && (flow = own_flow(pair, cookie)))
+			__sync_fetch_and_or(&flow->state, FLOW_FIN);
 		count_verdict(VERDICT_DROP_EMPTY);
 		return SK_DROP;
 	}
-	cookie = bpf_get_socket_cookie(skb);
-	pair = bpf_map_lookup_elem(&pairings, &cookie);
 	if (!pair) {
 		/* Not ours to move: leave the bytes in the socket's own queue. */
 		count_verdict(VERDICT_PASS_UNPAIRED);
 		return SK_PASS;
 	}
-	slot = pair->flow;
-	flow = bpf_map_lookup_elem(&flows, &slot);
+	flow = own_flow(pair, cookie);
 	if (!flow) {
 		count_verdict(VERDICT_PASS_BAD_FLOW);
 		return SK_PASS;

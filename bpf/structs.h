@@ -13,7 +13,10 @@ struct pairing {
  * mmapable array so userspace reads it and compare-and-swaps the armed bit
  * without a system call. */
 struct flow {
-	__u64 state; /* FLOW_ARMED | count of bytes seen by the verdict */
+	__u64 state;  /* FLOW_ARMED | FLOW_FIN | count of bytes seen by the verdict */
+	__u64 cookie; /* the socket that owns the slot now: a pairing left behind
+	               * by a closed socket whose fd was reused names the slot
+	               * but not this cookie, and is ignored */
 };
 
 /* One backend of the routing table the proxy is using, at its stable slot.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -276,5 +277,171 @@ func TestResetBackendBytesZeroesOneSlot(t *testing.T) {
 	}
 	if err := s.ResetBackendBytes(MaxBackends); err == nil {
 		t.Fatalf("reset of slot %d beyond the map: no error", MaxBackends)
+	}
+}
+
+// Affinity reads come from the userspace copy, writes reach the map first,
+// and a sweep rebuilds the copy from the map: an entry deleted behind the
+// proxy's back (bpftool) is forgotten by the next sweep.
+func TestAffinityCopyIsWrittenThroughAndRebuiltBySweep(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a := s.Affinity()
+	client := netip.MustParseAddr("198.51.100.9")
+	now := time.Unix(1_800_000_000, 0)
+	if err := a.Bind(client, "us-ny-2", now); err != nil {
+		t.Fatal(err)
+	}
+	var inMap proxyBinding
+	if err := a.m.Lookup(clientKey(client), &inMap); err != nil || idString(inMap.BackendId) != "us-ny-2" {
+		t.Fatalf("after Bind the map holds %q (%v), want us-ny-2", idString(inMap.BackendId), err)
+	}
+	if err := a.m.Delete(clientKey(client)); err != nil {
+		t.Fatal(err)
+	}
+	if id, _, ok, _ := a.Lookup(client); !ok || id != "us-ny-2" {
+		t.Fatalf("before a sweep the copy answers: got %q %v, want us-ny-2", id, ok)
+	}
+	remaining, removed, err := a.Sweep(func(string, time.Time) bool { return true })
+	if err != nil || remaining != 0 || removed != 0 {
+		t.Fatalf("sweep: %d remaining, %d removed, %v; want 0 and 0", remaining, removed, err)
+	}
+	if id, _, ok, _ := a.Lookup(client); ok {
+		t.Fatalf("after a sweep the deleted binding is still answered: %q", id)
+	}
+	// A binding written into the map by someone else appears after a sweep.
+	other := netip.MustParseAddr("203.0.113.4")
+	var b proxyBinding
+	copy(b.BackendId[:], []int8{'e', 'u', '-', '1'})
+	b.LastUsedUnixNs = uint64(now.UnixNano())
+	if err := a.m.Update(clientKey(other), &b, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := a.Sweep(func(string, time.Time) bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	if id, last, ok, _ := a.Lookup(other); !ok || id != "eu-1" || !last.Equal(now) {
+		t.Fatalf("after a sweep: %q %v %v, want eu-1 at %v", id, last, ok, now)
+	}
+}
+
+// One Unpair deletes the pairings of several connections, and a pair whose
+// entries are already gone does not stop the others (the kernel's batch
+// delete stops at the first missing key).
+func TestUnpairBatchSkipsMissingEntries(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var pairs []Pair
+	for i := range 3 {
+		_, clientSide := socketPair(t)
+		backendSide, _ := socketPair(t)
+		cfd, ccookie := fdCookie(t, clientSide)
+		bfd, bcookie := fdCookie(t, backendSide)
+		p := Pair{ClientFD: cfd, BackendFD: bfd, ClientCookie: ccookie, BackendCookie: bcookie, Backend: uint32(i)}
+		if err := s.Pair(p); err != nil {
+			t.Fatal(err)
+		}
+		pairs = append(pairs, p)
+	}
+	if err := s.Unpair(pairs[1]); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Unpair(pairs...); err != nil {
+		t.Fatalf("unpair with one pair already gone: %v", err)
+	}
+	if _, pairings, err := s.CountEntries(); err != nil || pairings != 0 {
+		t.Fatalf("after unpair: %d pairings, %v; want none", pairings, err)
+	}
+}
+
+// A pairing left behind by a closed socket names a flow slot that another
+// socket may own by now (descriptor numbers are reused). The verdict checks
+// the slot's owner and leaves the new owner's count alone.
+func TestStalePairingLeavesReusedFlowSlotAlone(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	remoteClient, clientSide := socketPair(t)
+	backendSide, _ := socketPair(t)
+	cfd, ccookie := fdCookie(t, clientSide)
+	bfd, bcookie := fdCookie(t, backendSide)
+	if err := s.Pair(Pair{ClientFD: cfd, BackendFD: bfd, ClientCookie: ccookie, BackendCookie: bcookie}); err != nil {
+		t.Fatal(err)
+	}
+	// Another socket takes the client's slot, as after close and reuse.
+	s.claimFlow(cfd, ccookie+1_000_000)
+	before, err := s.Verdicts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := remoteClient.Write([]byte("stale")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		after, err := s.Verdicts()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after["pass_bad_flow"] > before["pass_bad_flow"] {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no pass_bad_flow verdict within 2s: before %v, after %v", before, after)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := atomic.LoadUint64(s.FlowState(cfd)); got != 0 {
+		t.Fatalf("the new owner's flow word is %#x, want 0: a stale pairing counted into it", got)
+	}
+}
+
+// The remote's bare FIN sets the FIN bit of the flow, after the count of
+// every byte before it: userspace reads EOF there without a recv.
+func TestBareFINSetsFlowFINAfterTheCount(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	remoteClient, clientSide := socketPair(t)
+	backendSide, _ := socketPair(t)
+	cfd, ccookie := fdCookie(t, clientSide)
+	bfd, bcookie := fdCookie(t, backendSide)
+	if err := s.Pair(Pair{ClientFD: cfd, BackendFD: bfd, ClientCookie: ccookie, BackendCookie: bcookie}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := remoteClient.Write([]byte("12345")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the bytes and the FIN in two segments
+	if err := remoteClient.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		word := atomic.LoadUint64(s.FlowState(cfd))
+		if word&FlowFIN != 0 {
+			if count := word & FlowCountMask; count != 5 {
+				t.Fatalf("FIN bit set with count %d, want 5", count)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("flow word %#x: no FIN bit within 2s of the remote's FIN", word)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -39,8 +39,9 @@ type proxyClientKey struct {
 }
 
 type proxyFlow struct {
-	_     structs.HostLayout
-	State uint64
+	_      structs.HostLayout
+	State  uint64
+	Cookie uint64
 }
 
 type proxyPairing struct {

@@ -18,10 +18,12 @@ import (
 const DefaultPinPath = "/sys/fs/bpf/edgeproxy"
 
 // FlowArmed is the bit of a flow's state word that makes the verdict
-// redirect; the remaining bits count the bytes the verdict has seen.
+// redirect; FlowFIN says the verdict saw the remote's bare FIN, so the
+// count is final; the remaining bits count the bytes the verdict has seen.
 const (
 	FlowArmed     = uint64(1) << 63
-	FlowCountMask = FlowArmed - 1
+	FlowFIN       = uint64(1) << 62
+	FlowCountMask = FlowFIN - 1
 )
 
 // Direction of a byte count, as the backend_bytes map stores it.
@@ -61,6 +63,7 @@ type Sockmap struct {
 	backends []byte // mmap of the backends array
 	slots    int
 	lock     *os.File
+	affinity *Affinity
 }
 
 // perRunMaps hold state that means nothing once this process is gone (its
@@ -142,6 +145,9 @@ func load(pinPath string) (*Sockmap, error) {
 		s.closeObjects()
 		return nil, err
 	}
+	if s.affinity, err = openAffinity(objs.Affinity); err != nil {
+		return fail(err)
+	}
 	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
 		Target:  objs.Sockets.FD(),
 		Program: objs.SpliceVerdict,
@@ -218,23 +224,36 @@ func (s *Sockmap) Close() error {
 	return errors.Join(errs...)
 }
 
+func (s *Sockmap) flow(fd int) *proxyFlow {
+	return (*proxyFlow)(unsafe.Pointer(&s.flows[fd*int(unsafe.Sizeof(proxyFlow{}))]))
+}
+
 // FlowState is the state word of the flow whose slot is fd, shared with
 // the verdict program through mmap: use atomic operations only.
-func (s *Sockmap) FlowState(fd int) *uint64 {
-	return (*uint64)(unsafe.Pointer(&s.flows[fd*int(unsafe.Sizeof(proxyFlow{}))]))
+func (s *Sockmap) FlowState(fd int) *uint64 { return &s.flow(fd).State }
+
+// claimFlow gives the slot to the socket with this cookie, count zero and
+// unarmed. The cookie goes in first: a pairing left by the slot's previous
+// socket no longer matches it, so the verdict ignores that pairing.
+func (s *Sockmap) claimFlow(fd int, cookie uint64) {
+	f := s.flow(fd)
+	atomic.StoreUint64(&f.Cookie, cookie)
+	atomic.StoreUint64(&f.State, 0)
 }
 
 // Pair connects the two sockets through the kernel. Both directions start
 // unarmed: the verdict counts their bytes and leaves them in each socket's
 // own queue until userspace has forwarded what came first and arms them.
 // It costs three bpf() calls: the pairing entries in one batch, then each
-// socket into the sockhash.
+// socket into the sockhash (the kernel has no batch update for a sockhash:
+// sock_hash_ops sets no map_update_batch, so BPF_MAP_UPDATE_BATCH fails
+// with ENOTSUPP).
 func (s *Sockmap) Pair(p Pair) error {
 	if p.ClientFD >= s.slots || p.BackendFD >= s.slots {
 		return fmt.Errorf("pair fds %d and %d: beyond %d flow slots", p.ClientFD, p.BackendFD, s.slots)
 	}
-	atomic.StoreUint64(s.FlowState(p.ClientFD), 0)
-	atomic.StoreUint64(s.FlowState(p.BackendFD), 0)
+	s.claimFlow(p.ClientFD, p.ClientCookie)
+	s.claimFlow(p.BackendFD, p.BackendCookie)
 	keys := []uint64{p.ClientCookie, p.BackendCookie}
 	values := []proxyPairing{
 		{PeerCookie: p.BackendCookie, Flow: uint32(p.ClientFD), Counter: p.Backend*2 + ClientToBackend},
@@ -263,10 +282,31 @@ func establishedErr(err error) error {
 	return err
 }
 
-// Unpair removes the pairing entries. The sockets leave the sockhash by
-// themselves when they close.
-func (s *Sockmap) Unpair(p Pair) error {
-	return s.unpair(p)
+// Unpair removes the pairing entries of every pair given, in one bpf()
+// call whatever their number. The sockets leave the sockhash by
+// themselves when they close, so the proxy may close them first and
+// unpair a batch later: a stale pairing is inert (its cookie belongs to a
+// closed socket, and the flow slot it names checks its owner's cookie).
+// Every pair given must hold both its entries.
+func (s *Sockmap) Unpair(pairs ...Pair) error {
+	keys := make([]uint64, 0, 2*len(pairs))
+	for _, p := range pairs {
+		keys = append(keys, p.ClientCookie, p.BackendCookie)
+	}
+	for len(keys) > 0 {
+		n, err := s.objs.Pairings.BatchDelete(keys, nil)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, ebpf.ErrKeyNotExist) && n < len(keys):
+			// The kernel stops at a missing key (generic_map_delete_batch):
+			// skip it and go on with the rest.
+			keys = keys[n+1:]
+		default:
+			return fmt.Errorf("delete %d pairings: %w", len(keys)/2, err)
+		}
+	}
+	return nil
 }
 
 func (s *Sockmap) unpair(p Pair) error {

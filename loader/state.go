@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -96,11 +97,48 @@ func (s *Sockmap) StoreActive(index uint32, active uint32) {
 	}
 }
 
-// Affinity is the pinned client -> backend binding map.
-type Affinity struct{ m *ebpf.Map }
+// Affinity is the pinned client -> backend binding map with a bounded
+// copy of the bindings in use in userspace. A client seen recently is
+// looked up in the copy, with no system call; another costs one map
+// lookup, as before. Writes go to the map first and to the copy once the
+// map took them, so the map always holds what the proxy routes by and
+// bindings survive a restart. The copy is filled from the map when the
+// data plane opens and brought in line with it on every sweep, so an entry
+// an operator deleted with bpftool is forgotten by the next sweep at the
+// latest. Only one process writes the map: the pin path is locked.
+type Affinity struct {
+	m *ebpf.Map
+
+	mu     sync.Mutex
+	cached map[proxyClientKey]cachedBinding
+	// sweeping is when the running sweep began its walk, zero when none
+	// runs: an entry written since then is kept even if the walk missed it.
+	sweeping time.Time
+}
+
+type cachedBinding struct {
+	backendID string
+	lastUsed  time.Time
+	written   time.Time // when this process wrote or loaded it
+}
 
 // Affinity returns the binding map.
-func (s *Sockmap) Affinity() *Affinity { return &Affinity{m: s.objs.Affinity} }
+func (s *Sockmap) Affinity() *Affinity { return s.affinity }
+
+// affinityCopyEntries bounds the userspace copy: about 150 bytes each, so
+// at most about 10 MiB, where the map's million entries would cost 150
+// MiB of heap to mirror in full. A client beyond it costs one lookup.
+const affinityCopyEntries = 1 << 16
+
+// openAffinity wraps the map and copies the bindings it holds, up to
+// affinityCopyEntries of them.
+func openAffinity(m *ebpf.Map) (*Affinity, error) {
+	a := &Affinity{m: m, cached: map[proxyClientKey]cachedBinding{}}
+	if _, _, err := a.Sweep(func(string, time.Time) bool { return true }); err != nil {
+		return nil, fmt.Errorf("load affinity bindings: %w", err)
+	}
+	return a, nil
+}
 
 // clientKey is the address in 16 bytes; IPv4 and ::ffff:IPv4 coincide.
 func clientKey(addr netip.Addr) proxyClientKey {
@@ -119,51 +157,104 @@ func idString(id [BackendIDLen]int8) string {
 }
 
 // Lookup returns the client's binding. IPv4 and its mapped IPv6 form are
-// the same client.
+// the same client. It reads the userspace copy: no system call.
 func (a *Affinity) Lookup(client netip.Addr) (backendID string, lastUsed time.Time, ok bool, err error) {
-	var b proxyBinding
-	if err := a.m.Lookup(clientKey(client), &b); err != nil {
+	key := clientKey(client)
+	a.mu.Lock()
+	b, ok := a.cached[key]
+	a.mu.Unlock()
+	if ok {
+		return b.backendID, b.lastUsed, true, nil
+	}
+	var stored proxyBinding
+	if err := a.m.Lookup(key, &stored); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return "", time.Time{}, false, nil
 		}
 		return "", time.Time{}, false, fmt.Errorf("look up binding of %s: %w", client, err)
 	}
-	return idString(b.BackendId), time.Unix(0, int64(b.LastUsedUnixNs)), true, nil
+	b = cachedBinding{backendID: idString(stored.BackendId), lastUsed: time.Unix(0, int64(stored.LastUsedUnixNs)), written: time.Now()}
+	a.mu.Lock()
+	if _, raced := a.cached[key]; !raced {
+		a.remember(key, b)
+	}
+	a.mu.Unlock()
+	return b.backendID, b.lastUsed, true, nil
 }
 
-// Bind records (or refreshes) the client's binding.
+// remember puts b in the copy, making room by dropping any one entry when
+// the copy is full. Callers hold a.mu.
+func (a *Affinity) remember(key proxyClientKey, b cachedBinding) {
+	if _, known := a.cached[key]; !known && len(a.cached) >= affinityCopyEntries {
+		for k := range a.cached {
+			delete(a.cached, k)
+			break
+		}
+	}
+	a.cached[key] = b
+}
+
+// Bind records (or refreshes) the client's binding: one map write, then
+// the copy.
 func (a *Affinity) Bind(client netip.Addr, backendID string, now time.Time) error {
 	var b proxyBinding
 	for i := 0; i < len(backendID) && i < BackendIDLen-1; i++ {
 		b.BackendId[i] = int8(backendID[i])
 	}
 	b.LastUsedUnixNs = uint64(now.UnixNano())
-	if err := a.m.Update(clientKey(client), &b, ebpf.UpdateAny); err != nil {
+	key := clientKey(client)
+	if err := a.m.Update(key, &b, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("bind %s to %s: %w", client, backendID, err)
 	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	// The stored id is cut like the map's, so the copy reads back what a
+	// restarted process would.
+	a.remember(key, cachedBinding{backendID: idString(b.BackendId), lastUsed: time.Unix(0, int64(b.LastUsedUnixNs)), written: time.Now()})
 	return nil
 }
 
 // Forget drops the client's binding.
 func (a *Affinity) Forget(client netip.Addr) error {
-	if err := a.m.Delete(clientKey(client)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	key := clientKey(client)
+	if err := a.m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("forget binding of %s: %w", client, err)
 	}
+	a.mu.Lock()
+	delete(a.cached, key)
+	a.mu.Unlock()
 	return nil
 }
 
 // Sweep walks every binding and deletes those keep rejects; it returns how
-// many remain and how many it removed.
+// many remain and how many it removed. The userspace copy is rebuilt from
+// the walk: what the walk saw and kept (up to affinityCopyEntries, those
+// already in the copy first), plus what was written meanwhile.
 func (a *Affinity) Sweep(keep func(backendID string, lastUsed time.Time) bool) (remaining, removed int, err error) {
+	start := time.Now()
+	a.mu.Lock()
+	a.sweeping = start
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.sweeping = time.Time{}
+		a.mu.Unlock()
+	}()
 	var cursor ebpf.MapBatchCursor
-	keys := make([]proxyClientKey, 4096)
-	values := make([]proxyBinding, 4096)
+	keys := make([]proxyClientKey, sweepBatch)
+	values := make([]proxyBinding, sweepBatch)
 	var doomed []proxyClientKey
+	seen := map[proxyClientKey]cachedBinding{}
 	for {
 		n, err := a.m.BatchLookup(&cursor, keys, values, nil)
 		for i := range n {
-			if keep(idString(values[i].BackendId), time.Unix(0, int64(values[i].LastUsedUnixNs))) {
+			id, last := idString(values[i].BackendId), time.Unix(0, int64(values[i].LastUsedUnixNs))
+			if keep(id, last) {
 				remaining++
+				b := cachedBinding{backendID: id, lastUsed: last, written: start}
+				if len(seen) < affinityCopyEntries/2 || a.inCopy(keys[i]) {
+					seen[keys[i]] = b
+				}
 			} else {
 				doomed = append(doomed, keys[i])
 			}
@@ -176,12 +267,37 @@ func (a *Affinity) Sweep(keep func(backendID string, lastUsed time.Time) bool) (
 		}
 	}
 	for len(doomed) > 0 {
-		chunk := doomed[:min(len(doomed), 4096)]
+		chunk := doomed[:min(len(doomed), sweepBatch)]
 		if _, err := a.m.BatchDelete(chunk, nil); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return remaining, removed, fmt.Errorf("delete expired bindings: %w", err)
 		}
 		removed += len(chunk)
 		doomed = doomed[len(chunk):]
 	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for k, b := range a.cached {
+		if !b.written.Before(start) {
+			seen[k] = b // bound while the walk ran: newer than what it read
+		}
+	}
+	for k := range seen {
+		if len(seen) <= affinityCopyEntries {
+			break
+		}
+		delete(seen, k)
+	}
+	a.cached = seen
 	return remaining, removed, nil
 }
+
+func (a *Affinity) inCopy(key proxyClientKey) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.cached[key]
+	return ok
+}
+
+// sweepBatch is how many bindings one bpf() call of a sweep reads or
+// deletes: 4096 keys and values are about 300 KiB of buffers.
+const sweepBatch = 4096

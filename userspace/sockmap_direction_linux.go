@@ -1,0 +1,553 @@
+//go:build linux
+
+package userspace
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+
+	"github.com/edgeproxy/edgeproxy/loader"
+	"golang.org/x/sys/unix"
+)
+
+// A direction is the flow of bytes one socket receives, on their way to
+// its peer: client to backend, or backend to client. Each connection has
+// two, and each moves through the states below on its own. The kernel
+// moves the bytes while the direction is armed; userspace moves them in
+// every other state that moves bytes at all.
+//
+// The state is written only by (*direction).transition, which refuses a
+// step the table below does not list. docs/architecture.md draws it.
+type directionState uint8
+
+const (
+	// dirWaiting: the backend is being dialled. Bytes wait in the source
+	// socket's receive queue; neither socket is in the sockhash yet.
+	dirWaiting directionState = iota
+	// dirCatchingUp: paired but unarmed. The verdict counts each skb and
+	// passes it to the source's own queue; userspace reads exactly the
+	// counted bytes, writes them to the peer, then arms.
+	dirCatchingUp
+	// dirArmed: the verdict redirects every skb to the peer's send path.
+	// Userspace only watches the backlog and probes for EOF.
+	dirArmed
+	// dirPaused: disarmed because the receiver fell behind. Bytes
+	// redirected before the pause may still wait in the peer's psock
+	// queue; userspace reads nothing until they have reached the peer's
+	// send queue, so its own writes cannot overtake them.
+	dirPaused
+	// dirCopying: the sockhash refused a socket that was already
+	// half-closed when the connection was paired; userspace copies every
+	// byte of this connection.
+	dirCopying
+	// dirDraining: the source sent FIN and the byte count is final; the
+	// FIN is passed on once every byte before it is in the peer's send
+	// queue.
+	dirDraining
+	// dirClosed: the FIN was passed on (shutdown of the peer's sending
+	// side). Nothing more moves this way.
+	dirClosed
+)
+
+var directionStateNames = [...]string{
+	dirWaiting:    "waiting",
+	dirCatchingUp: "catching_up",
+	dirArmed:      "armed",
+	dirPaused:     "paused",
+	dirCopying:    "copying",
+	dirDraining:   "draining",
+	dirClosed:     "closed",
+}
+
+func (s directionState) String() string {
+	if int(s) < len(directionStateNames) {
+		return directionStateNames[s]
+	}
+	return fmt.Sprintf("directionState(%d)", s)
+}
+
+// directionEvent is what happened to a direction; transition maps it, with
+// the current state, to the next state.
+type directionEvent uint8
+
+const (
+	// evPaired: both sockets went into the sockhash, unarmed.
+	evPaired directionEvent = iota
+	// evPairedForCopy: the sockhash refused a half-closed socket.
+	evPairedForCopy
+	// evArmed: the compare-and-swap that sets the armed bit succeeded,
+	// with nothing counted that userspace had not forwarded.
+	evArmed
+	// evPaused: the compare-and-swap that clears the armed bit succeeded,
+	// because the receiver left too many bytes unacknowledged.
+	evPaused
+	// evResumed: what was redirected before the pause has reached the
+	// peer's send queue; userspace may forward passed bytes.
+	evResumed
+	// evEOF: the source's FIN was read, every byte before it counted.
+	evEOF
+	// evFINSent: the peer's sending side was shut down.
+	evFINSent
+)
+
+var directionEventNames = [...]string{
+	evPaired:        "paired",
+	evPairedForCopy: "paired_for_copy",
+	evArmed:         "armed",
+	evPaused:        "paused",
+	evResumed:       "resumed",
+	evEOF:           "eof",
+	evFINSent:       "fin_sent",
+}
+
+func (e directionEvent) String() string {
+	if int(e) < len(directionEventNames) {
+		return directionEventNames[e]
+	}
+	return fmt.Sprintf("directionEvent(%d)", e)
+}
+
+type directionStep struct {
+	from directionState
+	on   directionEvent
+}
+
+// directionTransitions is every legal step. Arming straight from paused
+// is legal: when nothing was counted since the pause, redirected bytes
+// queue behind the earlier ones in the same psock queue, in order.
+var directionTransitions = map[directionStep]directionState{
+	{dirWaiting, evPaired}:        dirCatchingUp,
+	{dirWaiting, evPairedForCopy}: dirCopying,
+	{dirCatchingUp, evArmed}:      dirArmed,
+	{dirArmed, evPaused}:          dirPaused,
+	{dirArmed, evEOF}:             dirDraining,
+	{dirPaused, evResumed}:        dirCatchingUp,
+	{dirPaused, evArmed}:          dirArmed,
+	{dirCopying, evEOF}:           dirDraining,
+	{dirDraining, evFINSent}:      dirClosed,
+}
+
+// errIllegalTransition marks a step the table does not list: a bug in the
+// plane, which resets the connection rather than guess.
+var errIllegalTransition = errors.New("illegal direction transition")
+
+// direction is one direction's state and userspace's bookkeeping for it.
+// It is embedded in the endpoint whose socket receives the bytes.
+type direction struct {
+	state directionState
+
+	settled uint64 // bytes received that are forwarded or redirected
+	final   uint64 // the byte count at EOF
+	// behind is how many reads were spent catching up since the direction
+	// was last armed.
+	behind int
+	// pending was read from the source, not yet taken by the peer.
+	pending []byte
+	// lastSeen is the count at the last backlog check.
+	lastSeen uint64
+	// clamp is the window clamp to restore once armed, 0 when not clamped.
+	// Catching up on passed bytes races the sender, whose window opens as
+	// fast as userspace reads; a small window lets userspace win the race.
+	clamp int
+	// rcvbuf is the receive buffer to restore once armed again, 0 when not
+	// shrunk: while paused, bytes wait in the source's own queue.
+	rcvbuf int
+	// armedAt is the count when the direction was last armed: bytes
+	// counted beyond it were redirected by the kernel.
+	armedAt uint64
+	// redirected is set once a byte of this direction went through the
+	// kernel's redirect path. Until then userspace wrote every byte into
+	// the peer itself, so they are all in its send queue and passing on
+	// the FIN needs no probe of that queue.
+	redirected bool
+	// ackedFloor is what the peer had acknowledged at the last look: the
+	// backlog is at most count - ackedFloor, so while that is small the
+	// backlog check costs no system call.
+	ackedFloor uint64
+}
+
+// transition moves the direction on ev, or refuses a step the table does
+// not list and leaves the state as it was.
+func (d *direction) transition(ev directionEvent) error {
+	next, ok := directionTransitions[directionStep{d.state, ev}]
+	if !ok {
+		return fmt.Errorf("%w: %s on %s", errIllegalTransition, d.state, ev)
+	}
+	d.state = next
+	return nil
+}
+
+// ended is true once the source sent FIN: the count is final.
+func (d *direction) ended() bool { return d.state == dirDraining || d.state == dirClosed }
+
+const (
+	// catchUpRounds is how many reads userspace may spend behind the
+	// verdict's count before it narrows the sender's window to catch up.
+	catchUpRounds = 4
+	// maxForwardRounds bounds one forward call (readChunk each) so a busy
+	// connection cannot starve the event loop.
+	maxForwardRounds = 64
+	// catchUpWindow is the receive window a sender gets while userspace
+	// catches up: one small segment per round trip, so the verdict's
+	// count stops outrunning userspace's reads, yet the flow never stops.
+	catchUpWindow = 4096
+	// pausedReceiveBuffer is the receive buffer of a paused direction's
+	// source: the bytes its sender keeps sending wait there until
+	// userspace forwards them, so it is what a paused direction parks on
+	// top of its budget share. The kernel doubles it for bookkeeping
+	// overhead and drops (for the sender to retransmit) what does not
+	// fit, so the queue stays bounded even for the window it promised
+	// before the pause.
+	pausedReceiveBuffer = 128 << 10
+	// minPauseBacklog keeps a direction's share of the budget large
+	// enough to splice in the kernel at all: below a few dozen skbs every
+	// burst would pause and fall back to userspace.
+	minPauseBacklog = 256 << 10
+	// maxPauseBacklog is the most redirected bytes one direction may have
+	// unacknowledged before it pauses, whatever the budget: the kernel
+	// itself bounds neither the psock queue nor the sender.
+	maxPauseBacklog = 32 << 20
+)
+
+// forward does userspace's share of moving src's bytes to its peer: it
+// writes what is pending, reads bytes the verdict passed while the
+// direction was unarmed, arms the direction once nothing is left, and
+// notices EOF. It returns false when the connection was torn down.
+func (p *sockmapPlane) forward(src *endpoint) bool {
+	c := src.conn
+	switch src.state {
+	case dirWaiting, dirDraining, dirClosed:
+		return true
+	case dirCopying:
+		return p.copyForward(src)
+	}
+	dst := src.peer
+	rounds := 0
+	for {
+		if done, alive := p.flushPending(src); !done {
+			return alive
+		}
+		s := atomic.LoadUint64(src.flow)
+		if s&loader.FlowArmed != 0 {
+			break
+		}
+		count := s & loader.FlowCountMask
+		if count == src.settled {
+			if atomic.CompareAndSwapUint64(src.flow, s, s|loader.FlowArmed) {
+				if !p.step(src, evArmed) {
+					return false
+				}
+				src.armedAt = count
+				src.behind = 0
+				p.unclamp(src)
+				p.restoreReceive(src)
+				break
+			}
+			continue // the verdict counted more meanwhile
+		}
+		// Still behind after a few reads: the sender keeps pace with us,
+		// so narrow its window or this race never ends.
+		if src.behind++; src.behind == catchUpRounds {
+			p.clampWindow(src)
+		}
+		if rounds++; rounds > maxForwardRounds {
+			// Give the other connections their turn; the tick resumes.
+			p.watch(c)
+			return true
+		}
+		// Paused with redirected bytes still queued for dst: ours must
+		// not overtake them.
+		if src.state == dirPaused {
+			if sent, err := sentTo(dst); err != nil || sent < src.settled {
+				p.watch(c)
+				return true
+			}
+			if !p.step(src, evResumed) {
+				return false
+			}
+		}
+		want := min(count-src.settled, uint64(len(p.buf)))
+		n, err := unix.Read(src.fd, p.buf[:want])
+		if errors.Is(err, unix.EAGAIN) || (err == nil && n == 0) {
+			// Counted but not queued yet (the kernel defers a pass to its
+			// worker when the socket's queue is busy); recv reports EOF
+			// early when the FIN came meanwhile. EPOLLIN follows the
+			// queueing, the tick is the safety net.
+			p.watch(c)
+			return true
+		}
+		if err != nil {
+			p.reset(c, "reset", "read passed bytes")
+			return false
+		}
+		src.settled += uint64(n)
+		if !p.writeOrKeep(src, p.buf[:n]) {
+			return false
+		}
+	}
+	if !src.hangup {
+		// Edge-triggered epoll reports RDHUP once, also for a FIN that
+		// came before the socket was registered: no probe until then.
+		return true
+	}
+	return p.checkEOF(src)
+}
+
+// step applies ev to src's direction; an illegal step is a bug, logged
+// loudly, and resets the connection. It returns false then.
+func (p *sockmapPlane) step(src *endpoint, ev directionEvent) bool {
+	if err := src.transition(ev); err != nil {
+		p.env.log.Error("sockmap plane bug", "client", src.conn.clientAddr, "socket", src.side(), "err", err)
+		p.reset(src.conn, "reset", err.Error())
+		return false
+	}
+	return true
+}
+
+// copyForward moves src's bytes to its peer through userspace, for the
+// rare connection that could not be spliced in the kernel.
+func (p *sockmapPlane) copyForward(src *endpoint) bool {
+	for {
+		if done, alive := p.flushPending(src); !done {
+			return alive
+		}
+		n, err := unix.Read(src.fd, p.buf)
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			return true
+		case err != nil:
+			p.reset(src.conn, "reset", "read copied bytes")
+			return false
+		case n == 0:
+			src.final = src.settled
+			return p.step(src, evEOF)
+		}
+		src.settled += uint64(n)
+		if !p.writeOrKeep(src, p.buf[:n]) {
+			return false
+		}
+	}
+}
+
+// flushPending writes what src's peer has not taken yet of the bytes
+// userspace read from src. done is false while the peer is full (EPOLLOUT
+// resumes it); alive is false when the connection was reset.
+func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
+	dst := src.peer
+	for len(src.pending) > 0 {
+		n, err := unix.Write(dst.fd, src.pending)
+		if n > 0 {
+			src.pending = src.pending[n:]
+			countMoved(dst, n)
+		}
+		if errors.Is(err, unix.EAGAIN) {
+			p.wantWritable(dst, true)
+			return false, true
+		}
+		if err != nil {
+			p.reset(src.conn, "reset", "write to peer: "+err.Error())
+			return false, false
+		}
+	}
+	p.wantWritable(dst, false)
+	return true, true
+}
+
+// writeOrKeep writes b, read from src, to src's peer and keeps what the
+// peer does not take as pending. It returns false when the connection was
+// reset.
+func (p *sockmapPlane) writeOrKeep(src *endpoint, b []byte) bool {
+	dst := src.peer
+	w, err := unix.Write(dst.fd, b)
+	if errors.Is(err, unix.EAGAIN) {
+		w, err = 0, nil
+	}
+	if err != nil {
+		p.reset(src.conn, "reset", "write to peer: "+err.Error())
+		return false
+	}
+	countMoved(dst, w)
+	if w < len(b) {
+		src.pending = append(src.pending[:0], b[w:]...)
+	}
+	return true
+}
+
+// countMoved adds bytes userspace wrote to dst to its backend's counters.
+func countMoved(dst *endpoint, n int) {
+	st := dst.conn.lease.state
+	if dst == &dst.conn.backend {
+		st.bytesIn.Add(uint64(n))
+	} else {
+		st.bytesOut.Add(uint64(n))
+	}
+}
+
+// clampWindow narrows the receive window of src's remote while userspace
+// catches up; unclamp restores it once the direction is armed.
+func (p *sockmapPlane) clampWindow(src *endpoint) {
+	if src.clamp != 0 {
+		return
+	}
+	orig, err := unix.GetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP)
+	if err != nil || orig <= 0 {
+		return
+	}
+	if unix.SetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, catchUpWindow) == nil {
+		src.clamp = orig
+	}
+}
+
+func (p *sockmapPlane) unclamp(src *endpoint) {
+	if src.clamp != 0 {
+		_ = unix.SetsockoptInt(src.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, src.clamp)
+		src.clamp = 0
+	}
+}
+
+func (p *sockmapPlane) shrinkReceive(src *endpoint) {
+	if src.rcvbuf != 0 {
+		return
+	}
+	orig, err := unix.GetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+	if err != nil || orig <= 2*pausedReceiveBuffer {
+		return
+	}
+	if unix.SetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, pausedReceiveBuffer) == nil {
+		src.rcvbuf = orig
+	}
+}
+
+// restoreReceive gives an armed direction back the receive buffer it had
+// before the pause (the kernel reports the doubled size it keeps).
+func (p *sockmapPlane) restoreReceive(src *endpoint) {
+	if src.rcvbuf != 0 {
+		_ = unix.SetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, src.rcvbuf/2)
+		src.rcvbuf = 0
+	}
+}
+
+// checkEOF looks for the remote's FIN on an armed socket. The verdict sets
+// the FIN bit when the bare FIN skb reaches it, after every skb before it,
+// so the count is final then and no system call is needed. A FIN that came
+// with payload is invisible to the verdict; then recv, which takes the
+// socket lock, proves it: once it returns 0 the verdict has seen every byte
+// that came before the FIN.
+func (p *sockmapPlane) checkEOF(src *endpoint) bool {
+	if s := atomic.LoadUint64(src.flow); s&loader.FlowFIN != 0 {
+		return p.endArmed(src, s&loader.FlowCountMask)
+	}
+	var b [1]byte
+	n, _, err := unix.Recvfrom(src.fd, b[:], unix.MSG_DONTWAIT|unix.MSG_PEEK)
+	switch {
+	case errors.Is(err, unix.EAGAIN):
+		return true
+	case err != nil:
+		p.reset(src.conn, "reset", "probe for EOF")
+		return false
+	case n == 0:
+		return p.endArmed(src, atomic.LoadUint64(src.flow)&loader.FlowCountMask)
+	}
+	// Bytes in the socket's own queue while armed: a redirect failed
+	// because the peer is gone.
+	if s := atomic.LoadUint64(src.flow); s&loader.FlowArmed != 0 {
+		p.reset(src.conn, "reset", "bytes left after redirect failed")
+		return false
+	}
+	return true
+}
+
+// endArmed ends an armed direction whose source sent FIN after final bytes.
+func (p *sockmapPlane) endArmed(src *endpoint, final uint64) bool {
+	src.final = final
+	if final > src.armedAt {
+		src.redirected = true
+	}
+	return p.step(src, evEOF)
+}
+
+// checkBacklog bounds the bytes redirected into a peer's psock queue but
+// not yet in its send buffer: the kernel bounds neither that queue nor the
+// sender. Past pauseBacklog (a slow receiver, or a kernel worker far
+// behind) it disarms the direction: the verdict then passes bytes to the
+// socket's own queue, which its receive buffer bounds and TCP flow control
+// throttles, and userspace forwards them as the receiver drains, then
+// re-arms. (Narrowing the sender's window instead was tried: it cost a
+// third of the bulk throughput and still let the queue grow.)
+func (p *sockmapPlane) checkBacklog(src *endpoint) {
+	if src.state != dirArmed {
+		return
+	}
+	s := atomic.LoadUint64(src.flow)
+	count := s & loader.FlowCountMask
+	if count == src.lastSeen {
+		return
+	}
+	// What arrived since the last check will likely arrive again before
+	// the next: pausing on the backlog plus that growth keeps a fast
+	// sender from overshooting its share by a tick's worth of bytes.
+	growth := count - src.lastSeen
+	src.lastSeen = count
+	limit := p.pauseBacklog()
+	if count-min(src.ackedFloor, count)+growth < limit {
+		// Even if the receiver acknowledged nothing since the last look,
+		// the backlog is under the limit: no need to ask the kernel.
+		return
+	}
+	// Everything the receiver has not acknowledged is parked here: the
+	// psock queue, and the peer socket's send queue behind it.
+	info, err := unix.GetsockoptTCPInfo(src.peer.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return
+	}
+	delivered := info.Bytes_acked - min(info.Bytes_acked, src.peer.base)
+	src.ackedFloor = delivered
+	if delivered > count {
+		return
+	}
+	backlog := count - delivered
+	if backlog+growth < limit {
+		return
+	}
+	for s&loader.FlowArmed != 0 {
+		if atomic.CompareAndSwapUint64(src.flow, s, s&^loader.FlowArmed) {
+			if !p.step(src, evPaused) {
+				return
+			}
+			src.settled = s & loader.FlowCountMask
+			if src.settled > src.armedAt {
+				src.redirected = true
+			}
+			p.shrinkReceive(src)
+			p.watch(src.conn)
+			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
+				"socket", src.side(), "backlog", backlog)
+			return
+		}
+		s = atomic.LoadUint64(src.flow)
+	}
+}
+
+// pauseBacklog is where a direction pauses: half its share of the buffer
+// budget (EDGEPROXY_MAX_BUFFERED_MB, split over every direction open) in
+// bytes its receiver has not acknowledged. The other half is for what is
+// already on its way when the pause lands: the sender's open window into
+// the source socket's receive queue, a tick's growth. With every direction
+// paused, all connections together park about the budget.
+func (p *sockmapPlane) pauseBacklog() uint64 {
+	if p.env.bufferBudget == 0 {
+		return p.maxPauseBacklog
+	}
+	share := p.env.bufferBudget / uint64(max(2*p.counters.active.Load(), 1))
+	return min(max(share/2, minPauseBacklog), p.maxPauseBacklog)
+}
+
+// settledTotal is every byte of src's direction that has moved on: the
+// verdict's count while the kernel splices, userspace's own when copying.
+func (ep *endpoint) settledTotal() uint64 {
+	if ep.flow == nil || ep.conn.phase == connCopying {
+		return ep.settled
+	}
+	return atomic.LoadUint64(ep.flow) & loader.FlowCountMask
+}

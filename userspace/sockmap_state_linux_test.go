@@ -1,0 +1,151 @@
+//go:build linux
+
+package userspace
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+// Every legal step of a direction, named after what happens on the wire.
+var legalDirectionSteps = []struct {
+	name string
+	from directionState
+	on   directionEvent
+	to   directionState
+}{
+	{"sockets enter the sockhash unarmed", dirWaiting, evPaired, dirCatchingUp},
+	{"a half-closed socket is refused and userspace copies", dirWaiting, evPairedForCopy, dirCopying},
+	{"userspace caught up with the verdict and arms", dirCatchingUp, evArmed, dirArmed},
+	{"a slow receiver pauses an armed direction", dirArmed, evPaused, dirPaused},
+	{"the source's FIN ends an armed direction", dirArmed, evEOF, dirDraining},
+	{"redirected bytes drained: userspace forwards again", dirPaused, evResumed, dirCatchingUp},
+	{"nothing arrived since the pause: arm again at once", dirPaused, evArmed, dirArmed},
+	{"the source's FIN ends a copied direction", dirCopying, evEOF, dirDraining},
+	{"the FIN is passed on once every byte reached the peer", dirDraining, evFINSent, dirClosed},
+}
+
+func TestDirectionLegalTransitions(t *testing.T) {
+	if len(legalDirectionSteps) != len(directionTransitions) {
+		t.Fatalf("the test lists %d legal steps, the table has %d: keep them in step", len(legalDirectionSteps), len(directionTransitions))
+	}
+	for _, tc := range legalDirectionSteps {
+		t.Run(tc.name, func(t *testing.T) {
+			d := direction{state: tc.from}
+			if err := d.transition(tc.on); err != nil {
+				t.Fatalf("%s on %s: %v", tc.from, tc.on, err)
+			}
+			if d.state != tc.to {
+				t.Fatalf("%s on %s: got %s, want %s", tc.from, tc.on, d.state, tc.to)
+			}
+		})
+	}
+}
+
+// Every pair of state and event the table does not list is refused, with
+// the state left as it was and both named in the error.
+func TestDirectionIllegalTransitionsAreRefused(t *testing.T) {
+	refused := 0
+	for from := dirWaiting; from <= dirClosed; from++ {
+		for on := evPaired; on <= evFINSent; on++ {
+			if _, legal := directionTransitions[directionStep{from, on}]; legal {
+				continue
+			}
+			d := direction{state: from}
+			err := d.transition(on)
+			if !errors.Is(err, errIllegalTransition) {
+				t.Errorf("%s on %s: got %v, want errIllegalTransition", from, on, err)
+				continue
+			}
+			if d.state != from {
+				t.Errorf("%s on %s: refused but the state moved to %s", from, on, d.state)
+			}
+			if !strings.Contains(err.Error(), from.String()) || !strings.Contains(err.Error(), on.String()) {
+				t.Errorf("error %q does not name %s and %s", err, from, on)
+			}
+			refused++
+		}
+	}
+	// 7 states x 7 events, 9 legal.
+	if refused != 7*7-9 {
+		t.Fatalf("refused %d steps, want %d", refused, 7*7-9)
+	}
+}
+
+// A whole connection's life, both directions, through the one writer.
+func TestDirectionLifeSplicedThenPausedThenClosed(t *testing.T) {
+	var d direction
+	for _, ev := range []directionEvent{evPaired, evArmed, evPaused, evResumed, evArmed, evPaused, evArmed, evEOF, evFINSent} {
+		if err := d.transition(ev); err != nil {
+			t.Fatalf("at %s: %v", ev, err)
+		}
+	}
+	if d.state != dirClosed || !d.ended() {
+		t.Fatalf("got %s (ended %v), want closed", d.state, d.ended())
+	}
+	// Nothing moves a closed direction.
+	if err := d.transition(evArmed); err == nil {
+		t.Fatal("a closed direction was armed")
+	}
+}
+
+func TestDirectionNamesAreDistinct(t *testing.T) {
+	seen := map[string]bool{}
+	for s := dirWaiting; s <= dirClosed; s++ {
+		name := s.String()
+		if seen[name] || strings.HasPrefix(name, "directionState(") {
+			t.Errorf("state %d: name %q missing or repeated", s, name)
+		}
+		seen[name] = true
+	}
+	if got := directionState(99).String(); got != "directionState(99)" {
+		t.Errorf("unknown state prints %q", got)
+	}
+	for e := evPaired; e <= evFINSent; e++ {
+		if strings.HasPrefix(e.String(), "directionEvent(") {
+			t.Errorf("event %d has no name", e)
+		}
+	}
+}
+
+func TestConnPhaseSteps(t *testing.T) {
+	legal := []struct {
+		name     string
+		from, to connPhase
+	}{
+		{"the backend answered and both sockets were paired", connDialling, connSpliced},
+		{"the backend answered but a socket was half-closed", connDialling, connCopying},
+		{"every dial failed or the client was reset", connDialling, connClosed},
+		{"a spliced connection ends", connSpliced, connClosed},
+		{"a copied connection ends", connCopying, connClosed},
+	}
+	for _, tc := range legal {
+		t.Run(tc.name, func(t *testing.T) {
+			c := smConn{phase: tc.from}
+			if err := c.enter(tc.to); err != nil || c.phase != tc.to {
+				t.Fatalf("%s to %s: phase %s, err %v", tc.from, tc.to, c.phase, err)
+			}
+		})
+	}
+	illegal := 0
+	for from := connDialling; from <= connClosed; from++ {
+		for to := connDialling; to <= connClosed; to++ {
+			isLegal := false
+			for _, l := range legal {
+				isLegal = isLegal || (l.from == from && l.to == to)
+			}
+			if isLegal {
+				continue
+			}
+			c := smConn{phase: from}
+			if err := c.enter(to); !errors.Is(err, errIllegalPhase) || c.phase != from {
+				t.Errorf("%s to %s: got phase %s, err %v; want refused", from, to, c.phase, err)
+			}
+			illegal++
+		}
+	}
+	if illegal != 4*4-len(legal) {
+		t.Fatalf("checked %d illegal changes, want %d", illegal, 4*4-len(legal))
+	}
+}
