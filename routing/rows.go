@@ -242,3 +242,13 @@ func shorten(s string) string {
 	}
 	return s[:max] + "..."
 }
+
+// PopConflicts applies the checks across pops rows that the loader
+// applies (an id twice, a public key two rows share, allowed IPs that
+// overlap) and returns a RowError for each row the loader would skip.
+// Rows are taken in id order: of two that conflict, the later id is
+// skipped.
+func PopConflicts(pops []Pop) []RowError {
+	_, errs := dropPopConflicts(slices.Clone(pops))
+	return errs
+}

@@ -54,6 +54,8 @@ type Config struct {
 	OnTable func(*routing.Table)
 	// Collectors are extra metrics served on /metrics (the overlay's).
 	Collectors []prometheus.Collector
+	// Etcd, if set, reports the etcd follower for /status.
+	Etcd func() EtcdStatus
 }
 
 // Proxy is a configured, listening edgeproxy.
@@ -381,6 +383,15 @@ func (p *Proxy) reloadNow() {
 		p.log.Warn("geo database reload failed, keeping the previous one", "path", p.cfg.GeoIPPath, "err", err)
 	} else {
 		p.log.Info("geo database reloaded on SIGHUP", "geoip", p.geo.Current().Kind())
+	}
+}
+
+// ReloadRouting reads routing.db now and applies a changed table as a
+// reload does, without waiting for the next poll: the etcd follower calls
+// it after each write it commits.
+func (p *Proxy) ReloadRouting() {
+	if r := p.store.Reload(); r.Changed || r.Err != nil {
+		p.onReload(r)
 	}
 }
 
