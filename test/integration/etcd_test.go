@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/edgeproxy/edgeproxy/internal/nettest"
+	"github.com/edgeproxy/edgeproxy/overlay"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -542,4 +543,100 @@ func TestEtcdExportImport(t *testing.T) {
 	if err != nil || !strings.Contains(string(explained), "imp-1") {
 		t.Fatalf("edgeproxy route on the exported db: %v\n%s", err, explained)
 	}
+}
+
+// TestEtcdWireGuardOverlayFollowsPopPut: two POPs, each an edgeproxy
+// binary running its WireGuard overlay (userspace device) and following
+// etcd. A `ctl pop put` of POP B gives POP A its peer and route at once;
+// a client of POP A then reaches a backend only POP B can reach, through
+// the tunnel; `ctl pop delete` takes the peer and route away again.
+func TestEtcdWireGuardOverlayFollowsPopPut(t *testing.T) {
+	const (
+		underA, underB  = "192.168.78.1", "192.168.78.2"
+		overA, overB    = "10.51.1.1", "10.51.2.1"
+		behindB, bakIP  = "10.61.2.1", "10.61.2.2"
+		behindNet       = "10.61.2.0/24"
+		followBound     = 2 * time.Second // 1 s, plus the userspace device's own reconfiguration
+		handshakeBound  = 12 * time.Second
+		backendID, port = "backend-b", "9000"
+	)
+	f := newFleet(t, 2)
+	a, b := f.pops[0], f.pops[1]
+	nettest.Link(t, a.ns, underA+"/24", b.ns, underB+"/24")
+	bak := nettest.NewNS(t, "bakb")
+	nettest.Link(t, b.ns, behindB+"/24", bak, bakIP+"/24")
+	nettest.MustRun(t, "ip", "-n", bak.Name, "route", "add", "default", "via", behindB)
+	nettest.MustRun(t, "ip", "netns", "exec", b.ns.Name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	nettest.Serve(t, bak, net.JoinHostPort(bakIP, port), nettest.Greeter(backendID))
+
+	dir := t.TempDir()
+	keyA, keyB := filepath.Join(dir, "a.key"), filepath.Join(dir, "b.key")
+	privA, err := overlay.WriteKeyFile(keyA, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	privB, err := overlay.WriteKeyFile(keyB, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ifaceA, ifaceB := wgIfaceName("a"), wgIfaceName("b")
+	wgEnv := func(iface, key, addr, id string) []string {
+		return []string{"EDGEPROXY_WG_INTERFACE=" + iface, "EDGEPROXY_WG_PRIVATE_KEY_FILE=" + key,
+			"EDGEPROXY_WG_LISTEN_PORT=51820", "EDGEPROXY_WG_ADDRESS=" + addr + "/16", "EDGEPROXY_POP_ID=" + id}
+	}
+	ctl(t, a.ns, false, "backend", "put", backendID, "--wg-ip", bakIP, "--port", port)
+	ctl(t, a.ns, false, "pop", "put", "pop-a", "--public-key", privA.PublicKey().String(),
+		"--endpoint", underA+":51820", "--wg-ip", overA, "--allowed-ips", overA+"/32")
+	f.startPOP(t, a, "sockmap", nil, wgEnv(ifaceA, keyA, overA, "pop-a")...)
+	f.startPOP(t, b, "splice", nil, wgEnv(ifaceB, keyB, overB, "pop-b")...)
+
+	// Only pop-a in etcd: POP B has it as a peer, POP A has no peer.
+	popsOf := func(p *fleetPOP) []overlay.Pop {
+		pops, _, err := overlay.LoadPops(p.proxy.DBPath)
+		if err != nil {
+			t.Fatalf("pops of %s: %v", p.ns.Name, err)
+		}
+		return pops
+	}
+	waitPeers(t, b.ns, ifaceB, popsOf(b), followBound, "POP B has pop-a as a peer", func(p map[string]overlay.PeerStatus) bool {
+		_, ok := p["pop-a"]
+		return ok
+	})
+	if peers := peersIn(t, a.ns, ifaceA, popsOf(a)); len(peers) != 0 {
+		t.Fatalf("POP A has peers before pop-b is in etcd: %v", peers)
+	}
+
+	if c, err := nettest.Dial(a.ns, net.JoinHostPort(bakIP, port), 500*time.Millisecond); err == nil {
+		c.Close()
+		t.Fatal("POP A reaches the backend without the tunnel: the topology leaks")
+	}
+
+	// One ctl put of pop-b and POP A follows.
+	ctl(t, a.ns, false, "pop", "put", "pop-b", "--public-key", privB.PublicKey().String(),
+		"--endpoint", underB+":51820", "--wg-ip", overB, "--allowed-ips", overB+"/32,"+behindNet)
+	start := time.Now()
+	waitPeers(t, a.ns, ifaceA, popsOf(a), followBound, "POP A adds pop-b from etcd", func(p map[string]overlay.PeerStatus) bool {
+		pb, ok := p["pop-b"]
+		return ok && pb.Endpoint == underB+":51820"
+	})
+	waitRoute(t, a.ns, behindNet, followBound, "POP A routes "+behindNet+" through "+ifaceA, func(r string) bool {
+		return strings.Contains(r, "dev "+ifaceA)
+	})
+	t.Logf("POP A's overlay followed the pop put in %v", time.Since(start))
+
+	waitPeers(t, a.ns, ifaceA, popsOf(a), handshakeBound, "POP A's tunnel to pop-b has a handshake", func(p map[string]overlay.PeerStatus) bool {
+		return !p["pop-b"].HandshakeNever()
+	})
+	if got := greet(t, a); got != backendID {
+		t.Fatalf("POP A's client reached %q, want %s through the tunnel", got, backendID)
+	}
+
+	// The row deleted in etcd: the peer and its route leave POP A.
+	withB := popsOf(a)
+	ctl(t, a.ns, false, "pop", "delete", "pop-b")
+	waitPeers(t, a.ns, ifaceA, withB, followBound, "POP A drops pop-b", func(p map[string]overlay.PeerStatus) bool {
+		_, ok := p["pop-b"]
+		return !ok
+	})
+	waitRoute(t, a.ns, behindNet, followBound, "POP A stops routing "+behindNet, func(r string) bool { return r == "" })
 }
