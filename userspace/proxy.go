@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sync"
 	"syscall"
 	"time"
 
@@ -74,6 +75,9 @@ type Proxy struct {
 	admin           *http.Server
 	adminLn         net.Listener
 	reloads         reloadLog
+	// applying serializes onReload: the poll, SIGHUP and the etcd
+	// follower all reload.
+	applying        sync.Mutex
 	collectorErrors prometheus.Counter
 	extraCollectors []prometheus.Collector
 }
@@ -421,6 +425,8 @@ func (p *Proxy) refreshGeo() {
 }
 
 func (p *Proxy) onReload(r routing.ReloadResult) {
+	p.applying.Lock()
+	defer p.applying.Unlock()
 	for _, re := range r.RowErrors {
 		p.log.Warn("routing row skipped", "err", re.Error())
 	}
@@ -433,7 +439,9 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 		p.log.Warn("cannot mirror the backend table into BPF", "err", err)
 	}
 	if p.cfg.OnTable != nil {
-		p.cfg.OnTable(r.Table)
+		// The current table, not r.Table: of two reloads racing, the one
+		// applied last must not hand the overlay the older table.
+		p.cfg.OnTable(p.store.Current())
 	}
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
 }
