@@ -251,10 +251,14 @@ func (f *Follower) applyEvents(events []*clientv3.Event) error {
 // member that is part of a quorum, so a POP that only reaches a
 // partitioned minority counts as disconnected.
 func (f *Follower) probe(ctx context.Context) error {
-	pctx, cancel := context.WithTimeout(ctx, 2*f.probeInterval())
+	timeout := 2 * f.probeInterval()
+	pctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	_, err := f.cli.Get(pctx, f.prefix, clientv3.WithCountOnly())
 	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("etcd probe: no answer within %v: %w", timeout, err)
+		}
 		return fmt.Errorf("etcd probe: %w", err)
 	}
 	return nil

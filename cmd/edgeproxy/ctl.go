@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -26,6 +27,16 @@ const ctlTimeout = 10 * time.Second
 type ctlSession struct {
 	e                 env
 	endpoints, prefix string
+}
+
+// explain adds the endpoints to a request that timed out: etcd down or
+// unreachable shows as nothing but a deadline.
+func (s *ctlSession) explain(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		cfg, _, _ := etcdConfigFromEnv(s.e, s.endpoints)
+		return fmt.Errorf("%w (no answer within %v from etcd at %s)", err, ctlTimeout, strings.Join(cfg.Endpoints, ","))
+	}
+	return err
 }
 
 func (s *ctlSession) open() (*clientv3.Client, string, context.Context, func(), error) {
@@ -71,7 +82,7 @@ func (s *ctlSession) putRow(cmd *cobra.Command, table, noun, id string, value []
 	}
 	rev, err := fleet.Put(ctx, cli, prefix, table, id, value)
 	if err != nil {
-		return err
+		return s.explain(err)
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "put %s %s at revision %d\n", noun, id, rev)
 	return nil
@@ -90,7 +101,7 @@ func (s *ctlSession) deleteCommand(table, noun, arg string) *cobra.Command {
 			defer done()
 			rev, existed, err := fleet.Delete(ctx, cli, prefix, table, args[0])
 			if err != nil {
-				return err
+				return s.explain(err)
 			}
 			if !existed {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s %s is not in etcd; nothing deleted\n", noun, args[0])
@@ -118,7 +129,7 @@ func (s *ctlSession) listCommand(noun string, print func(w io.Writer, snap fleet
 			defer done()
 			snap, err := fleet.Load(ctx, cli, prefix)
 			if err != nil {
-				return err
+				return s.explain(err)
 			}
 			for _, sk := range snap.Skipped {
 				fmt.Fprintf(cmd.ErrOrStderr(), "skipped %s: %s\n", sk.Key, sk.Reason)
@@ -213,7 +224,7 @@ func newCtlPopCommand(s *ctlSession) *cobra.Command {
 			check := func(ctx context.Context, cli *clientv3.Client, prefix string) error {
 				snap, err := fleet.Load(ctx, cli, prefix)
 				if err != nil {
-					return err
+					return s.explain(err)
 				}
 				pops := slices.DeleteFunc(snap.Rows.Pops, func(q routing.Pop) bool { return q.ID == id })
 				for _, re := range routing.PopConflicts(append(pops, p)) {
@@ -314,7 +325,7 @@ func newCtlImportCommand(s *ctlSession) *cobra.Command {
 			defer done()
 			n, rev, err := fleet.Import(ctx, cli, prefix, rows)
 			if err != nil {
-				return err
+				return s.explain(err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "imported %d backends, %d pops, %d regions (%d keys) from %s into etcd under %s at revision %d",
 				len(rows.Backends), len(rows.Pops), len(rows.Regions), n, path, prefix, rev)
@@ -344,7 +355,7 @@ func newCtlExportCommand(s *ctlSession) *cobra.Command {
 			defer done()
 			snap, err := fleet.Load(ctx, cli, prefix)
 			if err != nil {
-				return err
+				return s.explain(err)
 			}
 			for _, sk := range snap.Skipped {
 				fmt.Fprintf(cmd.ErrOrStderr(), "skipped %s: %s\n", sk.Key, sk.Reason)
