@@ -217,7 +217,11 @@ func Load(ctx context.Context, cli *clientv3.Client, prefix string) (Snapshot, e
 				if s.invalid[c.Table] == nil {
 					s.invalid[c.Table] = map[string]bool{}
 				}
-				s.invalid[c.Table][c.ID] = true
+				id := c.ID
+				if c.Table == routing.TableRegions {
+					id = strings.ToUpper(strings.TrimSpace(id)) // as routing.db's rows are compared
+				}
+				s.invalid[c.Table][id] = true
 			}
 			continue
 		}
