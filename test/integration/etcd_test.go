@@ -590,14 +590,21 @@ func TestEtcdWireGuardOverlayFollowsPopPut(t *testing.T) {
 	f.startPOP(t, a, "sockmap", nil, wgEnv(ifaceA, keyA, overA, "pop-a")...)
 	f.startPOP(t, b, "splice", nil, wgEnv(ifaceB, keyB, overB, "pop-b")...)
 
-	// Only pop-a in etcd: POP B has it as a peer, POP A has no peer.
-	popsOf := func(p *fleetPOP) []overlay.Pop {
-		pops, _, err := overlay.LoadPops(p.proxy.DBPath)
-		if err != nil {
-			t.Fatalf("pops of %s: %v", p.ns.Name, err)
-		}
-		return pops
+	// Peers are named by the rows the test wrote to etcd, not by a POP's
+	// routing.db: a peer that arrives before the test reads the file
+	// must still show by its name.
+	rowA, err := overlay.ParsePopRow("pop-a", "", privA.PublicKey().String(), underA+":51820", overA, overA+"/32")
+	if err != nil {
+		t.Fatal(err)
 	}
+	rowB, err := overlay.ParsePopRow("pop-b", "", privB.PublicKey().String(), underB+":51820", overB, overB+"/32,"+behindNet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := []overlay.Pop{rowA, rowB}
+	popsOf := func(*fleetPOP) []overlay.Pop { return named }
+
+	// Only pop-a in etcd: POP B has it as a peer, POP A has no peer.
 	waitPeers(t, b.ns, ifaceB, popsOf(b), followBound, "POP B has pop-a as a peer", func(p map[string]overlay.PeerStatus) bool {
 		_, ok := p["pop-a"]
 		return ok
@@ -632,9 +639,8 @@ func TestEtcdWireGuardOverlayFollowsPopPut(t *testing.T) {
 	}
 
 	// The row deleted in etcd: the peer and its route leave POP A.
-	withB := popsOf(a)
 	ctl(t, a.ns, false, "pop", "delete", "pop-b")
-	waitPeers(t, a.ns, ifaceA, withB, followBound, "POP A drops pop-b", func(p map[string]overlay.PeerStatus) bool {
+	waitPeers(t, a.ns, ifaceA, named, followBound, "POP A drops pop-b", func(p map[string]overlay.PeerStatus) bool {
 		_, ok := p["pop-b"]
 		return !ok
 	})
