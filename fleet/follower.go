@@ -139,8 +139,13 @@ func (f *Follower) Run(ctx context.Context) {
 		case restartCompacted:
 			resync = true
 			f.log.Warn("etcd compacted past the last applied revision; doing a full load", "revision", rev)
-		default:
+		case restartDisconnected:
 			f.log.Warn("etcd watch stopped; resuming from the last applied revision once etcd answers", "reason", reason, "revision", rev)
+		default:
+			// etcd answers, yet the watch or the write failed: pause so a
+			// failure that persists (a full disk) does not spin.
+			f.log.Warn("etcd watch stopped; resuming from the last applied revision", "reason", reason, "revision", rev)
+			sleep(ctx, wait)
 		}
 		f.waitReachable(ctx)
 	}

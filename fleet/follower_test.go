@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -266,5 +267,50 @@ func waitFor(t *testing.T, cond func() bool, what string) {
 			t.Fatalf("%s: not within 10s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A change that cannot be written to routing.db is not counted as
+// applied: the watch restarts from the last revision written and the
+// change lands once the file can be written again.
+func TestRunRetriesAChangeItCouldNotWrite(t *testing.T) {
+	cli := startEtcd(t)
+	db := filepath.Join(t.TempDir(), "routing.db")
+	put(t, cli, "backends/a", backendJSON(9001))
+	f := NewFollower(cli, DefaultPrefix, db, quietLog())
+	f.ProbeInterval = 100 * time.Millisecond
+	if err := f.Sync(ctxFor(t)); err != nil {
+		t.Fatal(err)
+	}
+	before := f.Status().Revision
+	// A directory where the file was: every write fails.
+	if err := os.Rename(db, db+".aside"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(db, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	rev := put(t, cli, "backends/b", backendJSON(9002))
+	waitFor(t, func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.restarts[restartWriteFailed] > 0
+	}, "a failed write")
+	if st := f.Status(); st.Revision != before || !strings.Contains(st.LastError, "is a directory") {
+		t.Fatalf("after a failed write: %+v; want revision %d kept and the error", st, before)
+	}
+	if err := os.Remove(db); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(db+".aside", db); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return f.Status().Revision == rev }, "the change written once the file is back")
+	if got := backendIDs(t, db); !slices.Equal(got, []string{"a", "b"}) {
+		t.Fatalf("after the retry: %v", got)
 	}
 }
