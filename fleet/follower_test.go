@@ -21,10 +21,25 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// startEtcd runs Debian's etcd on loopback with free ports and its data on
-// tmpfs, for the life of the test. Without the binary the test fails in
-// CI and skips elsewhere, saying what to install.
+// startEtcd runs Debian's etcd on loopback (runEtcd) and returns a client
+// that it answers.
 func startEtcd(t *testing.T) *clientv3.Client {
+	t.Helper()
+	url := runEtcd(t, "http")
+	cli, err := Connect(Config{Endpoints: []string{url}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	waitAnswers(t, cli)
+	return cli
+}
+
+// runEtcd runs etcd on loopback with free ports and its data on tmpfs,
+// for the life of the test, and returns its client URL (scheme http or
+// https, extra flags as given). Without the binary the test fails in CI
+// and skips elsewhere, saying what to install.
+func runEtcd(t *testing.T, scheme string, extra ...string) string {
 	t.Helper()
 	if _, err := exec.LookPath("etcd"); err != nil {
 		if os.Getenv("CI") != "" {
@@ -41,11 +56,12 @@ func startEtcd(t *testing.T) *clientv3.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clientURL, peerURL := "http://"+client, "http://"+peer
-	cmd := exec.Command("etcd", "--name", "unit", "--data-dir", dir,
+	clientURL, peerURL := scheme+"://"+client, "http://"+peer
+	args := append([]string{"--name", "unit", "--data-dir", dir,
 		"--listen-client-urls", clientURL, "--advertise-client-urls", clientURL,
 		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
-		"--initial-cluster", "unit="+peerURL, "--heartbeat-interval", "50", "--election-timeout", "500")
+		"--initial-cluster", "unit=" + peerURL, "--heartbeat-interval", "50", "--election-timeout", "500"}, extra...)
+	cmd := exec.Command("etcd", args...)
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -56,24 +72,29 @@ func startEtcd(t *testing.T) *clientv3.Client {
 		_ = cmd.Wait()
 		os.RemoveAll(dir)
 	})
-	cli, err := Connect(Config{Endpoints: []string{clientURL}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
+	return clientURL
+}
+
+// waitAnswers waits up to 30 s for etcd to serve a read through cli.
+func waitAnswers(t *testing.T, cli *clientv3.Client) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		ctx, cancel := contextWithTimeout(time.Second)
 		_, err := cli.Get(ctx, "probe")
 		cancel()
 		if err == nil {
-			return cli
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("etcd at %s not answering after 30s: %v", clientURL, err)
+			t.Fatalf("etcd at %v not answering after 30s: %v", cli.Endpoints(), err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
 }
 
 func freePort(t *testing.T) string {
