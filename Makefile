@@ -41,7 +41,7 @@ fuzz:
 	bash scripts/fuzz.sh
 
 test-unit:
-	$(GO) test -count=1 ./routing/ ./loader/ ./userspace/ ./overlay/ ./cmd/...
+	$(GO) test -count=1 ./routing/ ./loader/ ./userspace/ ./overlay/ ./fleet/ ./cmd/...
 
 demo: deps build
 	bash scripts/demo.sh

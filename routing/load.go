@@ -133,6 +133,33 @@ var backendColumns = []string{
 const optionalBackendColumn = "country"
 
 func loadTable(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (*Table, []RowError, error) {
+	rows, err := readRows(ctx, db, path, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	t, err := newTable(rows.backends, rows.deleted, rows.regions, rows.pops)
+	if err != nil {
+		// dropDuplicates and parseBackend leave nothing NewTable refuses.
+		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+	}
+	return t, rows.errs, nil
+}
+
+// tableRows is what one read of routing.db found, row by row validated:
+// the valid rows of each table, the ids of deleted backends, and every
+// row skipped.
+type tableRows struct {
+	backends []Backend
+	deleted  []string
+	regions  map[string]string // the regions table alone, not the built-in map
+	pops     []Pop
+	errs     []RowError
+}
+
+// readRows reads the three tables of routing.db in one read transaction,
+// so they come from the same committed state.
+func readRows(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (tableRows, error) {
+	var out tableRows
 	// Asked before the transaction opens, so a slow answer holds no
 	// read lock on routing.db.
 	var hostAddrs []netip.Addr
@@ -141,16 +168,16 @@ func loadTable(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (
 	}
 	tx, err := db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
-		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+		return out, fmt.Errorf("read routing db %s: %w", path, err)
 	}
 	defer tx.Rollback() // read-only: ending it is all Rollback does
 
 	cols, err := TableColumns(ctx, tx, "backends")
 	if err != nil {
-		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+		return out, fmt.Errorf("read routing db %s: %w", path, err)
 	}
 	if len(cols) == 0 {
-		return nil, nil, fmt.Errorf("read routing db %s: no backends table", path)
+		return out, fmt.Errorf("read routing db %s: no backends table", path)
 	}
 	selects := make([]string, len(backendColumns))
 	for i, c := range backendColumns {
@@ -161,19 +188,14 @@ func loadTable(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (
 		case c == optionalBackendColumn:
 			selects[i] = "NULL"
 		default:
-			return nil, nil, fmt.Errorf("read routing db %s: backends table has no column %s", path, c)
+			return out, fmt.Errorf("read routing db %s: backends table has no column %s", path, c)
 		}
 	}
 
 	rows, err := tx.QueryContext(ctx, "SELECT "+strings.Join(selects, ", ")+" FROM backends")
 	if err != nil {
-		return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
+		return out, fmt.Errorf("read routing db %s: backends: %w", path, err)
 	}
-	var (
-		backends []Backend
-		deleted  []string
-		rowErrs  []RowError
-	)
 	vals := make([]any, len(backendColumns))
 	ptrs := make([]any, len(vals))
 	for i := range vals {
@@ -182,43 +204,40 @@ func loadTable(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (
 	for rows.Next() {
 		if err := rows.Scan(ptrs...); err != nil {
 			rows.Close()
-			return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
+			return out, fmt.Errorf("read routing db %s: backends: %w", path, err)
 		}
 		b, isDeleted, errs := parseBackend(vals, opts.IsSelf)
 		switch {
 		case len(errs) > 0:
-			rowErrs = append(rowErrs, errs...)
+			out.errs = append(out.errs, errs...)
 		case isDeleted:
-			deleted = append(deleted, b.ID)
+			out.deleted = append(out.deleted, b.ID)
 		default:
-			backends = append(backends, b)
+			out.backends = append(out.backends, b)
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("read routing db %s: backends: %w", path, err)
+		return out, fmt.Errorf("read routing db %s: backends: %w", path, err)
 	}
 	rows.Close()
-	backends, dupErrs := dropDuplicates(backends)
-	rowErrs = append(rowErrs, dupErrs...)
+	var dupErrs []RowError
+	out.backends, dupErrs = dropDuplicates(out.backends)
+	out.errs = append(out.errs, dupErrs...)
 
 	overrides, regionErrs, err := loadRegions(ctx, tx)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read routing db %s: regions: %w", path, err)
+		return out, fmt.Errorf("read routing db %s: regions: %w", path, err)
 	}
-	rowErrs = append(rowErrs, regionErrs...)
+	out.regions = overrides
+	out.errs = append(out.errs, regionErrs...)
 
 	pops, popErrs, err := readPops(ctx, tx, opts.PopID, hostAddrs)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
+		return out, fmt.Errorf("read routing db %s: %w", path, err)
 	}
-	rowErrs = append(rowErrs, popErrs...)
-
-	t, err := newTable(backends, deleted, overrides, pops)
-	if err != nil {
-		// dropDuplicates and parseBackend leave nothing NewTable refuses.
-		return nil, nil, fmt.Errorf("read routing db %s: %w", path, err)
-	}
-	return t, rowErrs, nil
+	out.pops = pops
+	out.errs = append(out.errs, popErrs...)
+	return out, nil
 }
 
 // TableColumns maps each lower-cased column name of table to its declared
@@ -398,17 +417,26 @@ func loadRegions(ctx context.Context, tx *sql.Tx) (map[string]string, []RowError
 		if err := rows.Scan(&country, &region); err != nil {
 			return nil, nil, err
 		}
-		c, r := normalizeCountry(text(country)), normalizeRegion(text(region))
-		switch {
-		case c == "":
-			errs = append(errs, RowError{Table: "regions", ID: c, Column: "country", Value: valueText(country), Reason: "must not be empty"})
-		case r == "":
-			errs = append(errs, RowError{Table: "regions", ID: c, Column: "region", Value: valueText(region), Reason: "must not be empty"})
-		default:
-			overrides[c] = r
+		c, r, bad := parseRegion(country, region)
+		if bad != nil {
+			errs = append(errs, *bad)
+			continue
 		}
+		overrides[c] = r
 	}
 	return overrides, errs, rows.Err()
+}
+
+// parseRegion validates one regions row and normalizes its case.
+func parseRegion(country, region any) (c, r string, bad *RowError) {
+	c, r = normalizeCountry(text(country)), normalizeRegion(text(region))
+	switch {
+	case c == "":
+		return "", "", &RowError{Table: "regions", ID: c, Column: "country", Value: valueText(country), Reason: "must not be empty"}
+	case r == "":
+		return "", "", &RowError{Table: "regions", ID: c, Column: "region", Value: valueText(region), Reason: "must not be empty"}
+	}
+	return c, r, nil
 }
 
 // text reads a TEXT-ish column; NULL is "".

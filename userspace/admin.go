@@ -85,6 +85,23 @@ type Status struct {
 	Workers  int             `json:"workers"`
 	Accepted []uint64        `json:"accepted_per_worker,omitempty"`
 	Backends []BackendStatus `json:"backends"`
+	// Etcd is the follower of the fleet's etcd; absent when the POP
+	// follows none.
+	Etcd *EtcdStatus `json:"etcd,omitempty"`
+}
+
+// EtcdStatus is where the POP stands with the fleet's etcd.
+type EtcdStatus struct {
+	Endpoints []string `json:"endpoints"`
+	Prefix    string   `json:"prefix"`
+	// Connected is false while etcd is unreachable: routing goes on with
+	// the local table.
+	Connected bool `json:"connected"`
+	// Revision is the last etcd revision written to routing.db, and
+	// LastSync when.
+	Revision  int64     `json:"revision"`
+	LastSync  time.Time `json:"last_sync"`
+	LastError string    `json:"last_error,omitempty"`
 }
 
 // BackendStatus is one backend of the current routing table.
@@ -130,6 +147,10 @@ func (p *Proxy) Status() Status {
 		MaxConns:        p.admission.maxConns,
 		Workers:         p.workers(),
 		Accepted:        plane.Accepted,
+	}
+	if p.cfg.Etcd != nil {
+		e := p.cfg.Etcd()
+		st.Etcd = &e
 	}
 	st.LastReloadResult = "ok"
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sync"
 	"syscall"
 	"time"
 
@@ -54,6 +55,8 @@ type Config struct {
 	OnTable func(*routing.Table)
 	// Collectors are extra metrics served on /metrics (the overlay's).
 	Collectors []prometheus.Collector
+	// Etcd, if set, reports the etcd follower for /status.
+	Etcd func() EtcdStatus
 }
 
 // Proxy is a configured, listening edgeproxy.
@@ -72,6 +75,9 @@ type Proxy struct {
 	admin           *http.Server
 	adminLn         net.Listener
 	reloads         reloadLog
+	// applying serializes onReload: the poll, SIGHUP and the etcd
+	// follower all reload.
+	applying        sync.Mutex
 	collectorErrors prometheus.Counter
 	extraCollectors []prometheus.Collector
 }
@@ -384,6 +390,15 @@ func (p *Proxy) reloadNow() {
 	}
 }
 
+// ReloadRouting reads routing.db now and applies a changed table as a
+// reload does, without waiting for the next poll: the etcd follower calls
+// it after each write it commits.
+func (p *Proxy) ReloadRouting() {
+	if r := p.store.Reload(); r.Changed || r.Err != nil {
+		p.onReload(r)
+	}
+}
+
 // every calls f each period until ctx ends; a period <= 0 never calls it.
 func every(ctx context.Context, period time.Duration, f func()) {
 	if period <= 0 {
@@ -410,6 +425,8 @@ func (p *Proxy) refreshGeo() {
 }
 
 func (p *Proxy) onReload(r routing.ReloadResult) {
+	p.applying.Lock()
+	defer p.applying.Unlock()
 	for _, re := range r.RowErrors {
 		p.log.Warn("routing row skipped", "err", re.Error())
 	}
@@ -422,7 +439,9 @@ func (p *Proxy) onReload(r routing.ReloadResult) {
 		p.log.Warn("cannot mirror the backend table into BPF", "err", err)
 	}
 	if p.cfg.OnTable != nil {
-		p.cfg.OnTable(r.Table)
+		// The current table, not r.Table: of two reloads racing, the one
+		// applied last must not hand the overlay the older table.
+		p.cfg.OnTable(p.store.Current())
 	}
 	p.log.Info("routing reloaded", "db", p.cfg.DBPath, "version", fmt.Sprintf("%016x", r.Table.Version), "backends", len(r.Table.Backends))
 }

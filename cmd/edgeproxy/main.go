@@ -42,6 +42,7 @@ func newRootCommand(lookupEnv func(string) (string, bool)) *cobra.Command {
 		newRouteCommand(env{lookupEnv}),
 		newGeoCommand(env{lookupEnv}),
 		newWGCommand(env{lookupEnv}),
+		newCtlCommand(env{lookupEnv}),
 		newEchoBackendCommand(),
 		newVersionCommand(),
 	)

@@ -100,6 +100,17 @@ func newRunCommand(e env) *cobra.Command {
 			defer logOut.Close()
 			log := slog.New(slog.NewTextHandler(logOut, &slog.HandlerOptions{Level: level}))
 			userspace.RaiseFileLimit(log)
+			// With etcd, its full load is written into routing.db before
+			// the overlay and the proxy read it.
+			fl, err := startFleet(e, cfg.DBPath, log)
+			if err != nil {
+				return err
+			}
+			defer fl.Close()
+			if fl.Collector != nil {
+				cfg.Collectors = append(cfg.Collectors, fl.Collector)
+			}
+			cfg.Etcd = fl.Status
 			// The overlay comes up before the proxy so backends behind it
 			// answer from the first connection, and goes down last. It
 			// follows the pops table through the routing store's watcher.
@@ -116,10 +127,15 @@ func newRunCommand(e env) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			fl.Follow(proxy.ReloadRouting)
 			signals := make(chan os.Signal, 4)
 			signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 			defer signal.Stop(signals)
-			return proxy.Run(signals)
+			err = proxy.Run(signals)
+			// The follower stops before the overlay closes: a change it
+			// applied now would reach a mesh already gone.
+			fl.Close()
+			return err
 		},
 	}
 	f := cmd.Flags()

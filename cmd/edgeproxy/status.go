@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -64,6 +65,20 @@ func printStatus(w io.Writer, st userspace.Status) {
 		reload += ": " + st.LastReloadError
 	}
 	fmt.Fprintf(w, "routing version %s, last reload %s (%s)\n", st.RoutingVersion, st.LastReload.Format(time.RFC3339), reload)
+	if e := st.Etcd; e != nil {
+		state := "connected"
+		if !e.Connected {
+			state = "DISCONNECTED, routing on the local table"
+		}
+		last := "never"
+		if !e.LastSync.IsZero() {
+			last = e.LastSync.Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "etcd %s (prefix %s): %s, revision %d applied %s\n", strings.Join(e.Endpoints, ","), e.Prefix, state, e.Revision, last)
+		if e.LastError != "" && !e.Connected {
+			fmt.Fprintf(w, "etcd last error: %s\n", e.LastError)
+		}
+	}
 	fmt.Fprintf(w, "active connections %d (at most %d), affinity bindings %d\n", st.Active, st.MaxConns, st.Bindings)
 	if st.Panic {
 		fmt.Fprintln(w, "PANIC ROUTING: checks hold every backend down; routing to all of them")
