@@ -22,10 +22,9 @@ type spliceConn struct {
 	connectBy           time.Time // every attempt's deadline together
 	connecting          bool
 	resumeQueued        bool // in the loop's resume list
-	// lastActive and sweptMoved are the idle sweep's: when a byte last
-	// moved either way, and the count it last saw.
+	// lastActive is when a byte last moved either way, to the loop's
+	// clock (the idle sweep's).
 	lastActive time.Time
-	sweptMoved uint64
 }
 
 // spliceSocket is one socket of a connection.
@@ -311,6 +310,7 @@ func (l *spliceLoop) flush(d *spliceDirection) (done, alive bool) {
 
 func (l *spliceLoop) moved(d *spliceDirection, n int) {
 	d.moved += uint64(n)
+	d.src.conn.lastActive = l.now
 	if d.inPipe > 0 {
 		d.inPipe -= n
 	} else {

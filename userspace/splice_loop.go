@@ -37,8 +37,11 @@ type spliceLoop struct {
 	// descriptors): the listener leaves epoll until then, instead of
 	// waking the loop for the same error thousands of times a second.
 	acceptPausedUntil time.Time
-	nextSweep         time.Time
-	nextStallSweep    time.Time
+	// now is read once per wake-up: the time bytes that moved in it are
+	// stamped with, for the idle sweep.
+	now            time.Time
+	nextSweep      time.Time
+	nextStallSweep time.Time
 }
 
 func newSpliceLoop(env planeEnv, shared *spliceShared) *spliceLoop {
@@ -116,11 +119,12 @@ func (l *spliceLoop) serve(accept, stop context.Context, lnfd int) error {
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return fmt.Errorf("epoll wait: %w", err)
 		}
+		l.now = time.Now()
 		for i := range max(n, 0) {
 			l.dispatch(int(events[i].Fd), events[i].Events)
 		}
 		l.resumePumps()
-		now := time.Now()
+		now := l.now
 		l.checkConnects(now)
 		if l.env.idleTimeout > 0 || l.env.stallTimeout > 0 {
 			if !now.Before(l.nextSweep) {
@@ -272,9 +276,9 @@ func (l *spliceLoop) checkConnects(now time.Time) {
 }
 
 // sweep closes connections idle both ways for the idle timeout and resets
-// directions stalled for the stall timeout. Idleness comes from the byte
-// counts the pumps keep: no system call per connection, except for one
-// that went quiet, whose send queues are read to tell idle from stuck.
+// directions stalled for the stall timeout. Idleness comes from the time
+// the pumps last moved a byte: no system call per connection, except for
+// one that went quiet, whose send queues are read to tell idle from stuck.
 func (l *spliceLoop) sweep(now time.Time) {
 	stallDue := l.env.stallTimeout > 0 && !now.Before(l.nextStallSweep)
 	if stallDue {
@@ -284,9 +288,7 @@ func (l *spliceLoop) sweep(now time.Time) {
 		if c.connecting {
 			continue
 		}
-		if moved := c.toBackend.moved + c.toClient.moved; moved != c.sweptMoved {
-			c.sweptMoved, c.lastActive = moved, now
-		} else if l.env.idleTimeout > 0 && now.Sub(c.lastActive) >= l.env.idleTimeout && c.quiet() {
+		if l.env.idleTimeout > 0 && now.Sub(c.lastActive) >= l.env.idleTimeout && c.quiet() {
 			l.env.log.Debug("closing idle connection", "client", c.clientAddr, "backend", c.lease.Backend.ID, "idle", now.Sub(c.lastActive))
 			l.teardown(c, false, "idle_timeout")
 			continue
