@@ -102,7 +102,11 @@ func (l *spliceLoop) serve(accept, stop context.Context, lnfd int) error {
 	events := make([]unix.EpollEvent, 256)
 	for {
 		if accept.Err() != nil && l.lnfd >= 0 {
-			// Draining: no new clients; established ones finish.
+			// Draining: no new clients; established ones finish. Out of
+			// epoll first: the registration would outlive this descriptor
+			// while other loops still hold the listening socket, and its
+			// events would come under a number a new socket may reuse.
+			_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, l.lnfd, nil)
 			unix.Close(l.lnfd)
 			l.lnfd = -1
 		}
