@@ -52,6 +52,11 @@ type spliceDirection struct {
 	moved    uint64 // bytes dst has taken
 	eof      bool   // src sent FIN and every byte before it was read
 	shut     bool   // dst was sent FIN
+	// blocked: dst refused bytes (EAGAIN); only its EPOLLOUT resumes the
+	// direction. Until then src's arrivals cost no system call: TCP
+	// reports write space to a writer that found none (SOCK_NOSPACE is
+	// set on that path in tcp_sendmsg_locked), so the edge is not lost.
+	blocked bool
 }
 
 func (s *spliceSocket) side() string {
@@ -228,7 +233,7 @@ func (l *spliceLoop) finishConnect(c *spliceConn) {
 // connection was torn down.
 func (l *spliceLoop) pump(d *spliceDirection) bool {
 	c := d.src.conn
-	if c.connecting || d.shut {
+	if c.connecting || d.shut || d.blocked {
 		return true
 	}
 	defer l.returnPipe(d)
@@ -297,6 +302,7 @@ func (l *spliceLoop) flush(d *spliceDirection) (done, alive bool) {
 		}
 		switch {
 		case errors.Is(err, unix.EAGAIN):
+			d.blocked = true
 			return false, true
 		case errors.Is(err, unix.EINTR):
 			continue

@@ -225,6 +225,7 @@ func (l *spliceLoop) dispatch(fd int, events uint32) {
 		return
 	}
 	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.to.blocked = false
 		l.pump(s.to)
 	}
 }
