@@ -279,8 +279,8 @@ func (p *Proxy) choosePlane(env planeEnv) error {
 	return nil
 }
 
-// workers is the number of event loops serving connections: the sockmap
-// plane's, or 1 for the splice plane (a goroutine per connection).
+// workers is the number of event loops serving connections
+// (EDGEPROXY_WORKERS on either plane); 1 for a plane without loops.
 func (p *Proxy) workers() int {
 	if w, ok := p.plane.(interface{ Workers() int }); ok {
 		return w.Workers()
