@@ -81,8 +81,7 @@ func (c *spliceConn) quiet() bool {
 	return true
 }
 
-func (l *spliceLoop) startConn(cfd int, sa unix.Sockaddr) {
-	client := sockaddrAddrPort(sa)
+func (l *spliceLoop) startConn(cfd int, client netip.AddrPort) {
 	release, reject := l.env.admission.admit(client.Addr())
 	if release == nil {
 		l.env.log.Debug("client refused", "client", client, "reason", reject)

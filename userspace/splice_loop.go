@@ -232,11 +232,11 @@ func (l *spliceLoop) dispatch(fd int, events uint32) {
 
 func (l *spliceLoop) acceptRun() {
 	for range maxAcceptRun {
-		fd, sa, err := unix.Accept4(l.lnfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		fd, client, err := acceptTCP(l.lnfd)
 		switch {
 		case err == nil:
 			l.accepted.Add(1)
-			l.startConn(fd, sa)
+			l.startConn(fd, client)
 		case errors.Is(err, unix.EAGAIN):
 			return
 		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
