@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"strconv"
-	"time"
 )
 
 // env reads the EDGEPROXY_* variables through an injectable lookup.
@@ -21,30 +20,6 @@ func (e env) str(name, def string) string {
 		return def
 	}
 	return v
-}
-
-func (e env) seconds(name string, def int) (time.Duration, error) {
-	v := e.str(name, "")
-	if v == "" {
-		return time.Duration(def) * time.Second, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("%s=%q: want a whole number of seconds >= 0", name, v)
-	}
-	return time.Duration(n) * time.Second, nil
-}
-
-func (e env) millis(name string, def int) (time.Duration, error) {
-	v := e.str(name, "")
-	if v == "" {
-		return time.Duration(def) * time.Millisecond, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("%s=%q: want a whole number of milliseconds > 0", name, v)
-	}
-	return time.Duration(n) * time.Millisecond, nil
 }
 
 // intIn reads a whole-number variable that must lie in [lo, hi]; unset or

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 
 	"github.com/edgeproxy/edgeproxy/loader"
@@ -112,38 +115,32 @@ func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Conf
 	reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs := r.reloadSecs, r.ttlSecs, r.gcSecs, r.connectMS, r.drainSecs
 	// A flag wins over its variable; an unset flag takes the
 	// variable, else the contract's default.
+	// Each duration has a ceiling: time.Duration holds about 292 years,
+	// and a larger number of seconds would wrap to a negative period
+	// instead of being refused.
 	durations := []struct {
-		flag, name string
-		def        int
-		val        *int
-		millis     bool
+		flag, name  string
+		def, lo, hi int
+		val         *int
 	}{
-		{"db-reload-secs", "EDGEPROXY_DB_RELOAD_SECS", 5, &reloadSecs, false},
-		{"binding-ttl-secs", "EDGEPROXY_BINDING_TTL_SECS", 600, &ttlSecs, false},
-		{"binding-gc-interval-secs", "EDGEPROXY_BINDING_GC_INTERVAL_SECS", 60, &gcSecs, false},
-		{"connect-timeout-ms", "EDGEPROXY_CONNECT_TIMEOUT_MS", 2000, &connectMS, true},
-		{"drain-secs", "EDGEPROXY_DRAIN_SECS", 30, &drainSecs, false},
+		{"db-reload-secs", "EDGEPROXY_DB_RELOAD_SECS", 5, 0, day, &reloadSecs},
+		{"binding-ttl-secs", "EDGEPROXY_BINDING_TTL_SECS", 600, 0, 30 * day, &ttlSecs},
+		{"binding-gc-interval-secs", "EDGEPROXY_BINDING_GC_INTERVAL_SECS", 60, 0, day, &gcSecs},
+		{"connect-timeout-ms", "EDGEPROXY_CONNECT_TIMEOUT_MS", 2000, 1, 600_000, &connectMS},
+		{"drain-secs", "EDGEPROXY_DRAIN_SECS", 30, 0, day, &drainSecs},
 	}
 	for _, d := range durations {
 		if flags.Changed(d.flag) {
-			if *d.val < 0 || (d.millis && *d.val == 0) {
-				return cfg, false, fmt.Errorf("--%s=%d: out of range", d.flag, *d.val)
+			if *d.val < d.lo || *d.val > d.hi {
+				return cfg, false, fmt.Errorf("--%s=%d: want a whole number from %d to %d", d.flag, *d.val, d.lo, d.hi)
 			}
 			continue
 		}
-		if d.millis {
-			v, err := e.millis(d.name, d.def)
-			if err != nil {
-				return cfg, false, err
-			}
-			*d.val = int(v.Milliseconds())
-		} else {
-			v, err := e.seconds(d.name, d.def)
-			if err != nil {
-				return cfg, false, err
-			}
-			*d.val = int(v.Seconds())
+		v, err := e.intIn(d.name, d.def, d.lo, d.hi)
+		if err != nil {
+			return cfg, false, err
 		}
+		*d.val = v
 	}
 	strs := []struct {
 		flag, name, def string
@@ -165,6 +162,9 @@ func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Conf
 	if !flags.Changed("debug") {
 		debug = e.str("DEBUG", "") != ""
 	}
+	if err := checkRunStrings(cfg, flags); err != nil {
+		return cfg, false, err
+	}
 	if err := lim.resolve(e, flags); err != nil {
 		return cfg, false, err
 	}
@@ -175,6 +175,50 @@ func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Conf
 	cfg.ConnectTimeout = millis(connectMS)
 	cfg.Drain = secs(drainSecs)
 	return cfg, debug, nil
+}
+
+// checkRunStrings refuses, before anything opens, the text settings that
+// would otherwise fail later with a message that does not name them.
+func checkRunStrings(cfg userspace.Config, flags *pflag.FlagSet) error {
+	source := func(flag, name string) string {
+		if flags.Changed(flag) {
+			return "--" + flag
+		}
+		return name
+	}
+	switch cfg.Dataplane {
+	case "auto", "sockmap", "splice":
+	default:
+		return fmt.Errorf("%s=%q: want auto, sockmap or splice", source("dataplane", "EDGEPROXY_DATAPLANE"), cfg.Dataplane)
+	}
+	if err := checkHostPort(cfg.ListenAddr); err != nil {
+		return fmt.Errorf("%s=%q: %w", source("listen", "EDGEPROXY_LISTEN_ADDR"), cfg.ListenAddr, err)
+	}
+	if cfg.AdminAddr != "" {
+		if err := checkHostPort(cfg.AdminAddr); err != nil {
+			return fmt.Errorf("%s=%q: %w (empty disables the admin server)", source("admin", "EDGEPROXY_ADMIN_ADDR"), cfg.AdminAddr, err)
+		}
+	}
+	if cfg.DBPath == "" {
+		return fmt.Errorf("%s is empty: want the routing database's path", source("db", "EDGEPROXY_DB_PATH"))
+	}
+	if cfg.PinPath == "" {
+		return fmt.Errorf("%s is empty: want a directory on bpffs", source("bpf-pin-path", "EDGEPROXY_BPF_PIN_PATH"))
+	}
+	return nil
+}
+
+// checkHostPort accepts what the listener takes: host:port or :port with
+// a numeric port.
+func checkHostPort(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errors.New("want host:port, e.g. 0.0.0.0:8080")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("port %q: want a number from 0 to 65535", port)
+	}
+	return nil
 }
 
 // limitSettings are the health, retry, limit and timeout settings: whole
@@ -203,7 +247,6 @@ type intSetting struct {
 //   - max buffered 64 MiB: what a 1 GiB host can spare for queues in
 //     front of slow readers, and one bulk stream still gets 32 MiB.
 func (l *limitSettings) table() []intSetting {
-	const day = 86400
 	return []intSetting{
 		{"health-interval-secs", "EDGEPROXY_HEALTH_INTERVAL_SECS", "active TCP check period; 0 disables checks", 5, 0, day, &l.healthIntervalSecs},
 		{"health-timeout-ms", "EDGEPROXY_HEALTH_TIMEOUT_MS", "one check's connect timeout", 1000, 1, 60000, &l.healthTimeoutMS},
@@ -264,6 +307,10 @@ func (l *limitSettings) apply(cfg *userspace.Config) {
 	cfg.StallTimeout = secs(l.stallSecs)
 	cfg.Workers = l.workers
 }
+
+// day is the ceiling, in seconds, of the settings counted in seconds that
+// have no natural one.
+const day = 86400
 
 // healthWorkers bounds the health probes in flight at once.
 const healthWorkers = 16
