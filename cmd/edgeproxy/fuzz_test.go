@@ -347,3 +347,16 @@ func FuzzEtcdSettings(f *testing.F) {
 		}
 	})
 }
+
+// TestIntFlagsAreDecimal: found by FuzzRunSettings. pflag's IntVar reads
+// base 0, so --health-interval-secs=00010 gave 8 s while the variable with
+// the same text gave 10 s, and 0x10 was accepted as 16.
+func TestIntFlagsAreDecimal(t *testing.T) {
+	cfg, _, err := resolveRun([]string{"--health-interval-secs=00010"}, nil)
+	if err != nil || cfg.Health.Interval != 10*time.Second {
+		t.Fatalf("--health-interval-secs=00010: interval %s, err %v; want 10s", cfg.Health.Interval, err)
+	}
+	if _, _, err := resolveRun([]string{"--drain-secs=0x10"}, nil); err == nil || !strings.Contains(err.Error(), "--drain-secs") {
+		t.Fatalf("--drain-secs=0x10: err %v, want a refusal naming the flag", err)
+	}
+}

@@ -97,11 +97,11 @@ func (r *runFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&r.cfg.Dataplane, "dataplane", "", "auto, sockmap or splice (EDGEPROXY_DATAPLANE, default auto)")
 	f.StringVar(&r.cfg.AdminAddr, "admin", "", "admin HTTP address; empty disables (EDGEPROXY_ADMIN_ADDR, default 127.0.0.1:9090)")
 	f.StringVar(&r.cfg.PinPath, "bpf-pin-path", "", "where BPF maps are pinned (EDGEPROXY_BPF_PIN_PATH, default "+loader.DefaultPinPath+")")
-	f.IntVar(&r.reloadSecs, "db-reload-secs", 0, "longest time before a changed database is applied (EDGEPROXY_DB_RELOAD_SECS, default 5)")
-	f.IntVar(&r.ttlSecs, "binding-ttl-secs", 0, "affinity lifetime since last use (EDGEPROXY_BINDING_TTL_SECS, default 600)")
-	f.IntVar(&r.gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
-	f.IntVar(&r.connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
-	f.IntVar(&r.drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
+	decimalIntVar(f, &r.reloadSecs, "db-reload-secs", 0, "longest time before a changed database is applied (EDGEPROXY_DB_RELOAD_SECS, default 5)")
+	decimalIntVar(f, &r.ttlSecs, "binding-ttl-secs", 0, "affinity lifetime since last use (EDGEPROXY_BINDING_TTL_SECS, default 600)")
+	decimalIntVar(f, &r.gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
+	decimalIntVar(f, &r.connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
+	decimalIntVar(f, &r.drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
 	f.BoolVar(&r.debug, "debug", false, "debug logging (DEBUG)")
 	r.lim.flags(f)
 }
@@ -266,7 +266,7 @@ func (l *limitSettings) table() []intSetting {
 
 func (l *limitSettings) flags(f *pflag.FlagSet) {
 	for _, s := range l.table() {
-		f.IntVar(s.val, s.flag, s.def, fmt.Sprintf("%s (%s, default %d)", s.help, s.name, s.def))
+		decimalIntVar(f, s.val, s.flag, s.def, fmt.Sprintf("%s (%s, default %d)", s.help, s.name, s.def))
 	}
 }
 
