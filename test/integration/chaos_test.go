@@ -670,6 +670,10 @@ type proxyGroup struct {
 	t   *testing.T
 	pin string
 	dir string // the upgrade commands' output
+	mu  sync.Mutex
+	// logs are the upgrade commands' output files, where the servers
+	// they started log too.
+	logs []string
 }
 
 // fileText reads a file when called: the new server may still write to it.
@@ -720,6 +724,16 @@ func alive(pid int) bool {
 // stopAll ends every process of the group the harness does not own:
 // SIGTERM, then SIGKILL after 10 s.
 func (g *proxyGroup) stopAll() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	defer func() {
+		if g.t.Failed() {
+			for _, path := range g.logs {
+				log := fileText(path)()
+				g.t.Logf("output of `edgeproxy upgrade` and the server it started (%s):\n%s", path, log[max(0, len(log)-32<<10):])
+			}
+		}
+	}()
 	pids := g.pids()
 	for _, pid := range pids {
 		_ = syscall.Kill(pid, syscall.SIGTERM)
@@ -745,6 +759,9 @@ const upgradeWithin = 15 * time.Second
 // checks that at most one process drains and that it ends within its
 // drain time.
 func (g *proxyGroup) upgrade(ns *nettest.NS, p *proxyProc) error {
+	// One at a time: the counts below compare before and after.
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	before := g.pids()
 	cmd := ns.Command(binary, "upgrade")
 	cmd.Env = p.cmd.Env
@@ -758,6 +775,7 @@ func (g *proxyGroup) upgrade(ns *nettest.NS, p *proxyProc) error {
 	defer outFile.Close()
 	cmd.Stdout, cmd.Stderr = outFile, outFile
 	out := fileText(outFile.Name())
+	g.logs = append(g.logs, outFile.Name())
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start edgeproxy upgrade: %w", err)
 	}
@@ -801,5 +819,7 @@ func (g *proxyGroup) upgrade(ns *nettest.NS, p *proxyProc) error {
 	if len(g.pids()) != 1 {
 		return fmt.Errorf("after the upgrade %d processes serve, want 1: %v\n%s", len(g.pids()), g.pids(), out())
 	}
+	line, _, _ := strings.Cut(out(), "\n")
+	g.t.Logf("upgrade: %s", line)
 	return nil
 }
