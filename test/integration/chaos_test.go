@@ -119,26 +119,40 @@ func (l *chaosLog) up(id string, at time.Time) {
 	}
 }
 
-// explains reports whether backend id (any killed backend when id is
-// empty) was down during [start, end], with slack for the kernel's and the
-// health checks' delay in noticing.
+// explains reports whether a connection open over [start, end] was cut by
+// the kill of backend id (of any backend when id is empty): it was open at
+// the instant of a kill. Only that instant counts, not the whole outage:
+// while a backend is down, dials to it fail over to the next one, so a
+// connection that starts then must succeed. The slack covers the kernel
+// closing the killed process's sockets after the signal.
 func (l *chaosLog) explains(id string, start, end time.Time) bool {
-	const slack = 2 * time.Second
+	const slack = 500 * time.Millisecond
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, w := range l.dead {
 		if id != "" && w.id != id {
 			continue
 		}
-		to := w.to
-		if to.IsZero() {
-			to = time.Now()
-		}
-		if !end.Before(w.from) && !start.After(to.Add(slack)) {
+		if !start.After(w.from.Add(slack)) && !end.Before(w.from) {
 			return true
 		}
 	}
 	return false
+}
+
+// describe lists the outages relative to begin, for the log.
+func (l *chaosLog) describe(begin time.Time) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var parts []string
+	for _, w := range l.dead {
+		to := "end"
+		if !w.to.IsZero() {
+			to = w.to.Sub(begin).Round(time.Millisecond).String()
+		}
+		parts = append(parts, fmt.Sprintf("%s %s-%s", w.id, w.from.Sub(begin).Round(time.Millisecond), to))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // connResult is how one client connection went.
@@ -414,7 +428,7 @@ func runChaos(t *testing.T, plane string, seed uint64) {
 			if !log.explains("", r.start, r.end) {
 				unexplained = append(unexplained, r.String())
 			} else {
-				explained = append(explained, r.String()+" (a backend was killed)")
+				explained = append(explained, r.String()+" (open when a backend was killed)")
 			}
 		case resetConn:
 			switch {
@@ -425,12 +439,13 @@ func runChaos(t *testing.T, plane string, seed uint64) {
 					unexplained = append(unexplained, r.String()+fmt.Sprintf(" (later than %s)", chaosFullBound))
 				}
 			case log.explains(r.backend, r.start, r.end):
-				explained = append(explained, r.String()+" (its backend was killed)")
+				explained = append(explained, r.String()+" (open when its backend was killed)")
 			default:
 				unexplained = append(unexplained, r.String())
 			}
 		}
 	}
+	t.Logf("backends down (killed to restarted): %s", log.describe(begin))
 	// What the proxy says it refused, and why: beside the clients' view.
 	m := scrape(t, topo.Proxy)
 	var said []string
@@ -819,7 +834,15 @@ func (g *proxyGroup) upgrade(ns *nettest.NS, p *proxyProc) error {
 	if len(g.pids()) != 1 {
 		return fmt.Errorf("after the upgrade %d processes serve, want 1: %v\n%s", len(g.pids()), g.pids(), out())
 	}
-	line, _, _ := strings.Cut(out(), "\n")
-	g.t.Logf("upgrade: %s", line)
+	// The new server logs to the same file; the command's own line is
+	// the one that says "upgraded".
+	said := strings.TrimSpace(out())
+	for line := range strings.SplitSeq(said, "\n") {
+		if strings.HasPrefix(line, "upgraded") {
+			said = line
+			break
+		}
+	}
+	g.t.Logf("upgrade: %s", said)
 	return nil
 }
