@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"github.com/edgeproxy/edgeproxy/loader"
 	"golang.org/x/sys/unix"
@@ -144,8 +145,10 @@ type direction struct {
 	behind int
 	// pending was read from the source, not yet taken by the peer.
 	pending []byte
-	// lastSeen is the count at the last backlog check.
-	lastSeen uint64
+	// lastSeen is the count at the last backlog check, lastSeenAt when
+	// that check ran.
+	lastSeen   uint64
+	lastSeenAt time.Time
 	// clamp is the window clamp to restore once armed, 0 when not clamped.
 	// Catching up on passed bytes races the sender, whose window opens as
 	// fast as userspace reads; a small window lets userspace win the race.
@@ -165,6 +168,14 @@ type direction struct {
 	// backlog is at most count - ackedFloor, so while that is small the
 	// backlog check costs no system call.
 	ackedFloor uint64
+	// peerSndbuf is the send buffer the peer had before bulk this way
+	// raised it (sizeForBulk), 0 when not raised, -1 when it need not be.
+	peerSndbuf int
+	// drainedAt and drained are when the receiver's acknowledged count
+	// was last read and what it was: how fast it drains tells a slow
+	// receiver from a kernel worker that fell behind for a moment.
+	drainedAt time.Time
+	drained   uint64
 }
 
 // transition moves the direction on ev, or refuses a step the table does
@@ -474,8 +485,12 @@ func (p *sockmapPlane) endArmed(src *endpoint, final uint64) bool {
 // socket's own queue, which its receive buffer bounds and TCP flow control
 // throttles, and userspace forwards them as the receiver drains, then
 // re-arms. (Narrowing the sender's window instead was tried: it cost a
-// third of the bulk throughput and still let the queue grow.)
-func (p *sockmapPlane) checkBacklog(src *endpoint) {
+// third of the bulk throughput and still let the queue grow.) A direction
+// whose receiver acknowledges bulk (bulkTickBytes per tick) is a stream
+// whose kernel worker fell behind for a moment, not a slow reader: it may
+// use its whole share (twice pauseBacklog) before it pauses, since every
+// pause of a healthy stream costs a round of userspace copying.
+func (p *sockmapPlane) checkBacklog(src *endpoint, now time.Time) {
 	if src.state != dirArmed {
 		return
 	}
@@ -484,12 +499,16 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	if count == src.lastSeen {
 		return
 	}
-	// What arrived since the last check will likely arrive again before
-	// the next: pausing on the backlog plus that growth keeps a fast
-	// sender from overshooting its share by a tick's worth of bytes.
-	growth := count - src.lastSeen
-	src.lastSeen = count
+	// What arrived in one tick will likely arrive again before the next
+	// check: pausing on the backlog plus that growth keeps a fast sender
+	// from overshooting its share by a tick's worth of bytes. The growth
+	// is scaled to one tick: a loop that woke late (a busy machine) saw
+	// several ticks' worth arrive, and counting all of it as the next
+	// tick's paused healthy bulk streams for a backlog they never had.
+	growth := tickGrowth(count-src.lastSeen, now.Sub(src.lastSeenAt), p.tick)
+	src.lastSeen, src.lastSeenAt = count, now
 	limit := p.pauseBacklog()
+	p.sizeForBulk(src, growth)
 	if count-min(src.ackedFloor, count)+growth < limit {
 		// Even if the receiver acknowledged nothing since the last look,
 		// the backlog is under the limit: no need to ask the kernel.
@@ -507,7 +526,8 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 		return
 	}
 	backlog := count - delivered
-	if backlog+growth < limit {
+	draining := src.receiverDraining(delivered, now, p.tick)
+	if backlog+growth < limit || (draining && backlog+growth < 2*limit) {
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -520,6 +540,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 				src.redirected = true
 			}
 			p.shrinkReceive(src)
+			p.unsizeForBulk(src)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
 				"socket", src.side(), "backlog", backlog)
@@ -550,4 +571,24 @@ func (ep *endpoint) settledTotal() uint64 {
 		return ep.settled
 	}
 	return atomic.LoadUint64(ep.flow) & loader.FlowCountMask
+}
+
+// tickGrowth scales what a direction received over elapsed to one tick.
+func tickGrowth(received uint64, elapsed, tick time.Duration) uint64 {
+	if elapsed <= tick {
+		return received
+	}
+	return uint64(float64(received) * float64(tick) / float64(elapsed))
+}
+
+// receiverDraining reads whether the receiver of src's direction
+// acknowledged at least bulkTickBytes per tick since the last look: the
+// backlog is then a kernel worker behind a fast stream, not a slow reader.
+func (d *direction) receiverDraining(delivered uint64, now time.Time, tick time.Duration) bool {
+	prev, prevAt := d.drained, d.drainedAt
+	d.drained, d.drainedAt = delivered, now
+	if prevAt.IsZero() || delivered < prev {
+		return false
+	}
+	return tickGrowth(delivered-prev, now.Sub(prevAt), tick) >= bulkTickBytes
 }

@@ -480,8 +480,8 @@ func (p *sockmapPlane) onTick(now time.Time) {
 				continue
 			}
 		}
-		p.checkBacklog(&c.client)
-		p.checkBacklog(&c.backend)
+		p.checkBacklog(&c.client, now)
+		p.checkBacklog(&c.backend, now)
 	}
 }
 
