@@ -169,13 +169,18 @@ type direction struct {
 	// backlog check costs no system call.
 	ackedFloor uint64
 	// peerSndbuf is the send buffer the peer had before bulk this way
-	// raised it (sizeForBulk), 0 when not raised, -1 when it need not be.
-	peerSndbuf int
+	// raised it (sizeForBulk), 0 when not raised, -1 when it need not be;
+	// peerSndbufSet is what it was raised to.
+	peerSndbuf    int
+	peerSndbufSet int
 	// drainedAt and drained are when the receiver's acknowledged count
 	// was last read and what it was: how fast it drains tells a slow
 	// receiver from a kernel worker that fell behind for a moment.
 	drainedAt time.Time
 	drained   uint64
+	// pausedAt is when the direction last paused, zero once re-armed:
+	// the debug log says how long each pause cost.
+	pausedAt time.Time
 }
 
 // transition moves the direction on ev, or refuses a step the table does
@@ -219,6 +224,11 @@ const (
 	// unacknowledged before it pauses, whatever the budget: the kernel
 	// itself bounds neither the psock queue nor the sender.
 	maxPauseBacklog = 32 << 20
+	// drainingTickBytes is what a receiver must acknowledge per tick for
+	// its direction to use its whole budget share before pausing: 1 Gbit/s,
+	// which drains a 32 MiB share in a quarter of a second. A slower
+	// reader pauses at half its share, as every reader did before.
+	drainingTickBytes = 625_000
 )
 
 // forward does userspace's share of moving src's bytes to its peer: it
@@ -251,6 +261,11 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 				}
 				src.armedAt = count
 				src.behind = 0
+				if !src.pausedAt.IsZero() {
+					p.env.log.Debug("direction re-armed after a pause", "client", c.clientAddr, "socket", src.side(),
+						"paused_for", time.Since(src.pausedAt))
+					src.pausedAt = time.Time{}
+				}
 				p.unclamp(src)
 				p.restoreReceive(src)
 				break
@@ -486,7 +501,7 @@ func (p *sockmapPlane) endArmed(src *endpoint, final uint64) bool {
 // throttles, and userspace forwards them as the receiver drains, then
 // re-arms. (Narrowing the sender's window instead was tried: it cost a
 // third of the bulk throughput and still let the queue grow.) A direction
-// whose receiver acknowledges bulk (bulkTickBytes per tick) is a stream
+// whose receiver acknowledges drainingTickBytes per tick is a stream
 // whose kernel worker fell behind for a moment, not a slow reader: it may
 // use its whole share (twice pauseBacklog) before it pauses, since every
 // pause of a healthy stream costs a round of userspace copying.
@@ -508,7 +523,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint, now time.Time) {
 	growth := tickGrowth(count-src.lastSeen, now.Sub(src.lastSeenAt), p.tick)
 	src.lastSeen, src.lastSeenAt = count, now
 	limit := p.pauseBacklog()
-	p.sizeForBulk(src, growth)
+	p.sizeForBulk(src, growth, limit)
 	if count-min(src.ackedFloor, count)+growth < limit {
 		// Even if the receiver acknowledged nothing since the last look,
 		// the backlog is under the limit: no need to ask the kernel.
@@ -539,8 +554,8 @@ func (p *sockmapPlane) checkBacklog(src *endpoint, now time.Time) {
 			if src.settled > src.armedAt {
 				src.redirected = true
 			}
+			src.pausedAt = now
 			p.shrinkReceive(src)
-			p.unsizeForBulk(src)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
 				"socket", src.side(), "backlog", backlog)
@@ -582,13 +597,14 @@ func tickGrowth(received uint64, elapsed, tick time.Duration) uint64 {
 }
 
 // receiverDraining reads whether the receiver of src's direction
-// acknowledged at least bulkTickBytes per tick since the last look: the
-// backlog is then a kernel worker behind a fast stream, not a slow reader.
+// acknowledged at least drainingTickBytes per tick since the last look:
+// the backlog is then a kernel worker behind a fast stream, not a slow
+// reader.
 func (d *direction) receiverDraining(delivered uint64, now time.Time, tick time.Duration) bool {
 	prev, prevAt := d.drained, d.drainedAt
 	d.drained, d.drainedAt = delivered, now
 	if prevAt.IsZero() || delivered < prev {
 		return false
 	}
-	return tickGrowth(delivered-prev, now.Sub(prevAt), tick) >= bulkTickBytes
+	return tickGrowth(delivered-prev, now.Sub(prevAt), tick) >= drainingTickBytes
 }

@@ -37,24 +37,13 @@ import (
 //
 // A send buffer is a limit, not an allocation: an idle socket costs the
 // same whatever it is. It is raised only once a direction moves bulk
-// (bulkTickBytes in one tick), and never past the direction's share of
-// EDGEPROXY_MAX_BUFFERED_MB (twice pauseBacklog), which is where a
-// direction whose receiver drains at bulk rate pauses (checkBacklog); a
-// receiver that does not drain pauses at half of it as before, and the
-// pause gives the old buffer back, so a stopped reader parks no more than
-// its share.
-//
-// Measured here (bench bulk1, one 3 s stream, busy 2-CPU machine): the
-// stalls are real but not what held one stream back. The psock queue has
-// no bound in the kernel (tcp_eat_skb opens the sender's window as soon as
-// the verdict redirects an skb; 1.3 GB queued in 3 s with pauses turned
-// off), so a stream whose worker falls behind for a moment reached the
-// pause point and dropped to userspace copying: 30 to 75 pauses per 3 s
-// run, many of them triggered by a tick's growth counted over a late
-// wake-up. Without the pause one stream ran at 10.9-12.0 Gbit/s with a
-// 32 MiB send buffer, 5.7 with the autotuned one; that memory is not ours
-// to take, so the pause stays and the send buffer only helps once a
-// direction is kept from pausing while its receiver drains.
+// (bulkTickBytes in one tick), and never past half the direction's share
+// of EDGEPROXY_MAX_BUFFERED_MB (pauseBacklog): the pause counts everything
+// the receiver has not acknowledged, send queue included, and the other
+// half is for the psock queue in front of it, which the kernel does not
+// bound. When more connections shrink the share, the buffer is brought
+// down with it, so a slow reader that was once a bulk stream parks no more
+// than any other.
 
 // bulkLineRate is the rate, in bytes per second, one stream should reach
 // without meeting a full send buffer: a 10 Gbit/s link.
@@ -127,14 +116,24 @@ func scanHZ(r io.Reader) (int, bool) {
 
 // sizeForBulk raises the send buffer of src's peer once src's direction
 // moved bulkTickBytes in one tick, to what one jiffy at line rate needs,
-// never past the direction's share of the budget. The buffer it had is
-// kept to restore on a pause.
-func (p *sockmapPlane) sizeForBulk(src *endpoint, growth uint64) {
+// never past half the direction's share of the budget (pauseAt). The
+// share shrinks as connections open: a buffer raised past the bound in
+// force now is brought down to it, so a slow reader that was a bulk
+// stream once parks no more than a fresh one. A pause keeps the buffer:
+// the bytes already redirected land in it either way, and a smaller one
+// would only move them there one jiffy stall at a time.
+func (p *sockmapPlane) sizeForBulk(src *endpoint, growth, pauseAt uint64) {
+	bound := int(pauseAt)
+	if src.peerSndbuf > 0 && src.peerSndbufSet > bound {
+		src.peerSndbufSet = max(bound, src.peerSndbuf)
+		_ = unix.SetsockoptInt(src.peer.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, src.peerSndbufSet/2)
+		return
+	}
 	if src.peerSndbuf != 0 || growth < bulkTickBytes {
 		return
 	}
 	dst := src.peer
-	want := min(bulkSendBuffer(kernelHZ()), int(2*p.pauseBacklog()))
+	want := min(bulkSendBuffer(kernelHZ()), bound)
 	orig, err := unix.GetsockoptInt(dst.fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
 	if err != nil || orig >= want {
 		src.peerSndbuf = -1 // large enough already: never look again
@@ -145,15 +144,5 @@ func (p *sockmapPlane) sizeForBulk(src *endpoint, growth uint64) {
 		src.peerSndbuf = -1 // no CAP_NET_ADMIN: autotuning stays
 		return
 	}
-	src.peerSndbuf = orig
-}
-
-// unsizeForBulk gives a paused direction's receiver its send buffer back:
-// a slow reader must not keep a bulk-sized queue. The direction may be
-// raised again once armed and moving bulk.
-func (p *sockmapPlane) unsizeForBulk(src *endpoint) {
-	if src.peerSndbuf > 0 {
-		_ = unix.SetsockoptInt(src.peer.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, src.peerSndbuf/2)
-	}
-	src.peerSndbuf = 0
+	src.peerSndbuf, src.peerSndbufSet = orig, want
 }

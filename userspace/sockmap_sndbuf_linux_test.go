@@ -49,16 +49,16 @@ func TestReceiverDrainingOnlyAtBulkRate(t *testing.T) {
 	if d.receiverDraining(0, start, tick) {
 		t.Fatal("first look: draining, want not yet known (false)")
 	}
-	if !d.receiverDraining(bulkTickBytes, start.Add(tick), tick) {
+	if !d.receiverDraining(drainingTickBytes, start.Add(tick), tick) {
 		t.Error("a tick's worth of bulk acknowledged in one tick: not draining")
 	}
-	if d.receiverDraining(bulkTickBytes+1000, start.Add(2*tick), tick) {
+	if d.receiverDraining(drainingTickBytes+1000, start.Add(2*tick), tick) {
 		t.Error("1000 bytes acknowledged in one tick (a slow reader): draining")
 	}
-	if d.receiverDraining(bulkTickBytes+1000, start.Add(3*tick), tick) {
+	if d.receiverDraining(drainingTickBytes+1000, start.Add(3*tick), tick) {
 		t.Error("nothing acknowledged (a stopped reader): draining")
 	}
-	if d.receiverDraining(4*bulkTickBytes, start.Add(13*tick), tick) {
+	if d.receiverDraining(4*drainingTickBytes, start.Add(13*tick), tick) {
 		t.Error("three ticks' worth over ten ticks: draining")
 	}
 }
