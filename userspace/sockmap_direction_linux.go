@@ -178,6 +178,11 @@ type direction struct {
 	// receiver from a kernel worker that fell behind for a moment.
 	drainedAt time.Time
 	drained   uint64
+	// quiet is set once the armed direction's socket was registered
+	// without EPOLLIN (epollArmed), after busyTicks ticks that moved
+	// bytes.
+	quiet     bool
+	busyTicks int
 	// pausedAt is when the direction last paused, zero once re-armed:
 	// the debug log says how long each pause cost.
 	pausedAt time.Time
@@ -323,10 +328,16 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 // step applies ev to src's direction; an illegal step is a bug, logged
 // loudly, and resets the connection. It returns false then.
 func (p *sockmapPlane) step(src *endpoint, ev directionEvent) bool {
+	was := src.state
 	if err := src.transition(ev); err != nil {
 		p.env.log.Error("sockmap plane bug", "client", src.conn.clientAddr, "socket", src.side(), "err", err)
 		p.reset(src.conn, "reset", err.Error())
 		return false
+	}
+	if was == dirArmed && src.quiet {
+		// Paused or ended: userspace reads this socket again.
+		src.quiet, src.busyTicks = false, 0
+		p.reregister(src)
 	}
 	return true
 }
@@ -522,6 +533,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint, now time.Time) {
 	// tick's paused healthy bulk streams for a backlog they never had.
 	growth := tickGrowth(count-src.lastSeen, now.Sub(src.lastSeenAt), p.tick)
 	src.lastSeen, src.lastSeenAt = count, now
+	p.quietWhenBusy(src)
 	limit := p.pauseBacklog()
 	p.sizeForBulk(src, growth, limit)
 	if count-min(src.ackedFloor, count)+growth < limit {
