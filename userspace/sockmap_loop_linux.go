@@ -87,7 +87,12 @@ const (
 	// finds nothing readable and sleeps again), so they cannot be counted
 	// where they happen; a direction busy for 20 ms is one that goes on
 	// exchanging messages, and pays the epoll_ctl once, while the short
-	// connections the connection-rate figure counts do not.
+	// connections the connection-rate figure counts do not. Never at
+	// arming: bytes that queued before the socket entered the sockhash
+	// are unseen by the verdict until kickUnseen, which EPOLLIN triggers,
+	// feeds them through (a greeting hung when the socket went quiet at
+	// once); once the verdict has counted bytes, read_skb has drained the
+	// queue from its head, so nothing unseen is left.
 	quietAfterTicks = 4
 	// maxAcceptRun bounds the accepts of one wake-up, so a flood of new
 	// clients cannot starve the connections this loop already holds.
