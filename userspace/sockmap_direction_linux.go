@@ -570,7 +570,7 @@ func (p *sockmapPlane) checkBacklog(src *endpoint, now time.Time) {
 			p.shrinkReceive(src)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
-				"socket", src.side(), "backlog", backlog)
+				"socket", src.side(), "backlog", backlog, "growth", growth, "receiver_draining", draining)
 			return
 		}
 		s = atomic.LoadUint64(src.flow)
