@@ -104,6 +104,7 @@ type smConn struct {
 	lease           *Lease
 	release         func() // gives back the admission slot
 	clientAddr      netip.AddrPort
+	origin          clientOrigin // who it serves, per a PROXY header if one came
 	start           time.Time
 	deadline        time.Time // this connect attempt's deadline
 	connectBy       time.Time // every attempt's deadline together
@@ -116,8 +117,9 @@ type smConn struct {
 	mapSockets, mapPairings int64
 }
 
-func (p *sockmapPlane) startConn(cfd int, client netip.AddrPort) {
-	release, reject := p.env.admission.admit(client.Addr())
+func (p *sockmapPlane) startConn(cfd int, origin clientOrigin) {
+	client := origin.client
+	release, reject := p.env.admitOrigin(origin)
 	if release == nil {
 		p.env.log.Debug("client refused", "client", client, "reason", reject)
 		closeWithReset(cfd)
@@ -132,7 +134,7 @@ func (p *sockmapPlane) startConn(cfd int, client netip.AddrPort) {
 	}
 	p.env.logOpen("sockmap", client, lease)
 	now := time.Now()
-	c := &smConn{lease: lease, release: release, clientAddr: client, start: now, lastActive: now}
+	c := &smConn{lease: lease, release: release, clientAddr: client, origin: origin, start: now, lastActive: now}
 	c.connectBy = now.Add(p.env.connectTimeout)
 	if p.env.keepalive > 0 {
 		c.keepaliveAt = now.Add(keepaliveDelay(p.env.keepalive))
@@ -238,6 +240,20 @@ func (p *sockmapPlane) finishConnect(c *smConn, events uint32) {
 		p.failConnect(c, fmt.Errorf("connect: %w", err))
 		return
 	}
+	if p.env.untrustedHeader(c.client.fd, c.origin) {
+		c.lease.Connected()
+		p.reset(c, "proxy_protocol", "PROXY header from an untrusted peer")
+		return
+	}
+	sent, err := sendProxyHeader(c.backend.fd, c.client.fd, &c.lease.Backend, c.origin)
+	if err != nil {
+		p.failConnect(c, err)
+		return
+	}
+	// The header went ahead of every payload byte: what TCP_INFO counts
+	// as sent on this socket before the client's first byte (landed,
+	// sentTo and the stall check subtract it).
+	c.backend.base = 1 + uint64(sent)
 	c.lease.Connected()
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)

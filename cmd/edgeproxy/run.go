@@ -17,6 +17,7 @@ func newRunCommand(e env) *cobra.Command {
 	var cfg userspace.Config
 	var reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs int
 	var debug bool
+	var proxyProtocolFrom string
 	var lim limitSettings
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -71,6 +72,7 @@ func newRunCommand(e env) *cobra.Command {
 				{"dataplane", "EDGEPROXY_DATAPLANE", "auto", &cfg.Dataplane},
 				{"admin", "EDGEPROXY_ADMIN_ADDR", "127.0.0.1:9090", &cfg.AdminAddr},
 				{"bpf-pin-path", "EDGEPROXY_BPF_PIN_PATH", loader.DefaultPinPath, &cfg.PinPath},
+				{"proxy-protocol-from", "EDGEPROXY_PROXY_PROTOCOL_FROM", "", &proxyProtocolFrom},
 			}
 			for _, s := range strs {
 				if !flags.Changed(s.flag) {
@@ -84,6 +86,9 @@ func newRunCommand(e env) *cobra.Command {
 				return err
 			}
 			lim.apply(&cfg)
+			if cfg.ProxyProtocolFrom, err = userspace.ParseTrustedUpstreams(proxyProtocolFrom); err != nil {
+				return fmt.Errorf("EDGEPROXY_PROXY_PROTOCOL_FROM: %w", err)
+			}
 			cfg.DBReload = secs(reloadSecs)
 			cfg.BindingTTL = secs(ttlSecs)
 			cfg.BindingGC = secs(gcSecs)
@@ -151,6 +156,7 @@ func newRunCommand(e env) *cobra.Command {
 	f.IntVar(&gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
 	f.IntVar(&connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
 	f.IntVar(&drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
+	f.StringVar(&proxyProtocolFrom, "proxy-protocol-from", "", "comma-separated CIDRs whose connections must start with a PROXY v1/v2 header (EDGEPROXY_PROXY_PROTOCOL_FROM, default none)")
 	f.BoolVar(&debug, "debug", false, "debug logging (DEBUG)")
 	lim.flags(f)
 	return cmd
@@ -163,7 +169,7 @@ type limitSettings struct {
 	healthIntervalSecs, healthTimeoutMS, healthFall, healthRise int
 	connectRetries, clientMaxConns, clientRate, maxConns        int
 	keepaliveSecs, idleTimeoutSecs, maxBufferedMB, stallSecs    int
-	workers                                                     int
+	workers, proxyProtocolTimeoutMS                             int
 }
 
 type intSetting struct {
@@ -197,6 +203,7 @@ func (l *limitSettings) table() []intSetting {
 		{"max-buffered-mb", "EDGEPROXY_MAX_BUFFERED_MB", "MiB all connections may park in kernel queues before directions pause", 64, 1, 1 << 20, &l.maxBufferedMB},
 		{"stall-timeout-secs", "EDGEPROXY_STALL_TIMEOUT_SECS", "reset a direction that made no progress this long; 0 disables", 300, 0, 30 * day, &l.stallSecs},
 		{"workers", "EDGEPROXY_WORKERS", "event loops of the sockmap plane; 0: one per CPU the process may run on", 0, 0, 1024, &l.workers},
+		{"proxy-protocol-timeout-ms", "EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS", "longest wait for a trusted upstream's PROXY header", 3000, 1, 600_000, &l.proxyProtocolTimeoutMS},
 	}
 }
 
@@ -242,6 +249,7 @@ func (l *limitSettings) apply(cfg *userspace.Config) {
 	cfg.MaxBufferedMB = l.maxBufferedMB
 	cfg.StallTimeout = secs(l.stallSecs)
 	cfg.Workers = l.workers
+	cfg.ProxyProtocolTimeout = millis(l.proxyProtocolTimeoutMS)
 }
 
 // healthWorkers bounds the health probes in flight at once.
