@@ -307,6 +307,9 @@ type clientOrigin struct {
 	// reserved: the connection already holds its place under the process
 	// cap (taken while its header was awaited).
 	reserved bool
+	// early are client bytes read behind the header (sockmap plane only):
+	// they go to the backend after its own header, before any other byte.
+	early []byte
 }
 
 // originFromHeader is the origin a complete header gives a connection

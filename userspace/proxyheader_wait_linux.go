@@ -30,6 +30,9 @@ type headerWaits struct {
 	// Entries finished meanwhile are skipped as they reach the front.
 	queue []*headerWait
 	buf   []byte // one peek, maxProxyHeaderLen bytes
+	// takeRest: read what the client sent behind its header too (the
+	// sockmap plane), see ready.
+	takeRest bool
 }
 
 type headerWait struct {
@@ -42,8 +45,8 @@ type headerWait struct {
 // headerEvents: readable, or the upstream closed its side.
 const headerEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
 
-func newHeaderWaits(env planeEnv, epfd int) *headerWaits {
-	return &headerWaits{env: env, epfd: epfd, byFD: map[int]*headerWait{}}
+func newHeaderWaits(env planeEnv, epfd int, takeRest bool) *headerWaits {
+	return &headerWaits{env: env, epfd: epfd, byFD: map[int]*headerWait{}, takeRest: takeRest}
 }
 
 // begin starts waiting for fd's header. Registering the socket reports
@@ -85,6 +88,16 @@ func (w *headerWaits) pending() int { return len(w.byFD) }
 // stays in the socket for the data plane), takes the socket out of epoll
 // and returns its origin with ok: the caller starts the connection, which
 // already holds its place under the process cap.
+//
+// With takeRest it also reads every byte queued behind the header, into
+// the origin's early bytes. The sockmap plane needs that: once the socket
+// is in the sockhash, the verdict is fed by tcp_read_skb (net/ipv4/tcp.c),
+// which takes whole skbs off the receive queue and ignores what recvmsg
+// already copied of the first one, so a header that shared an skb with
+// payload (HAProxy sends them in one segment) would be redirected to the
+// backend again. Reading to EAGAIN leaves only whole skbs queued. The
+// splice plane reads with splice(2) (tcp_read_sock, which honours
+// copied_seq) and leaves the payload in the socket.
 func (w *headerWaits) ready(fd int, events uint32) (o clientOrigin, ok bool) {
 	hw := w.byFD[fd]
 	n, _, err := unix.Recvfrom(fd, w.buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
@@ -120,8 +133,39 @@ func (w *headerWaits) ready(fd int, events uint32) (o clientOrigin, ok bool) {
 		w.refuse(hw, "truncated", fmt.Sprintf("consume %d header bytes: read %d: %v", length, m, err))
 		return o, false
 	}
+	o = originFromHeader(h, hw.peer)
+	if w.takeRest {
+		early, err := readQueued(fd)
+		if err != nil {
+			w.refuse(hw, "truncated", "read the bytes behind the header: "+err.Error())
+			return clientOrigin{}, false
+		}
+		o.early = early
+	}
 	w.forget(hw)
-	return originFromHeader(h, hw.peer), true
+	return o, true
+}
+
+// readQueued reads what fd has queued, up to EAGAIN or EOF (the FIN stays
+// for the data plane to see). It is bounded by the socket's receive
+// window: the client cannot send more before its header is answered.
+func readQueued(fd int) ([]byte, error) {
+	var out []byte
+	chunk := make([]byte, 16<<10)
+	for {
+		n, err := unix.Read(fd, chunk)
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			return out, nil
+		case errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			return nil, err
+		case n == 0:
+			return out, nil
+		}
+		out = append(out, chunk[:n]...)
+	}
 }
 
 // forget takes hw out of epoll and of the waits; its socket stays open.

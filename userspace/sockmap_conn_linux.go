@@ -250,10 +250,27 @@ func (p *sockmapPlane) finishConnect(c *smConn, events uint32) {
 		p.failConnect(c, err)
 		return
 	}
-	// The header went ahead of every payload byte: what TCP_INFO counts
-	// as sent on this socket before the client's first byte (landed,
-	// sentTo and the stall check subtract it).
-	c.backend.base = 1 + uint64(sent)
+	// Client bytes read behind an inbound header go next; what the
+	// socket does not take now is flushed (forward) before the client's
+	// direction is armed, so before any byte the verdict counts.
+	early := c.origin.early
+	if len(early) > 0 {
+		n, err := unix.Write(c.backend.fd, early)
+		if errors.Is(err, unix.EAGAIN) {
+			n, err = 0, nil
+		}
+		if err != nil {
+			p.failConnect(c, fmt.Errorf("send the client's first bytes to backend %s: %w", c.lease.Backend.ID, err))
+			return
+		}
+		countMoved(&c.backend, n)
+		c.client.pending = early[n:]
+	}
+	// The header and the early bytes go ahead of every byte the verdict
+	// counts: TCP_INFO counts them as sent on this socket, so they are
+	// part of its base (landed, sentTo and the stall check subtract it;
+	// counted as the verdict's, the FIN could overtake its last bytes).
+	c.backend.base = 1 + uint64(sent) + uint64(len(early))
 	c.lease.Connected()
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)

@@ -231,7 +231,7 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 		return fmt.Errorf("create eventfd: %w", err)
 	}
 	defer unix.Close(p.wakefd)
-	p.headers = newHeaderWaits(p.env, p.epfd)
+	p.headers = newHeaderWaits(p.env, p.epfd, true)
 	if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, p.lnEvents); err != nil {
 		return err
 	}

@@ -92,7 +92,7 @@ func (l *spliceLoop) serve(accept, stop context.Context, lnfd int) error {
 		return fmt.Errorf("create eventfd: %w", err)
 	}
 	defer unix.Close(l.wakefd)
-	l.headers = newHeaderWaits(l.env, l.epfd)
+	l.headers = newHeaderWaits(l.env, l.epfd, false)
 	if err := l.epollCtl(unix.EPOLL_CTL_ADD, l.lnfd, l.lnEvents); err != nil {
 		return err
 	}

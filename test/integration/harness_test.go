@@ -95,7 +95,8 @@ func writeDB(t testing.TB, path string, rows []backendRow) {
 		t.Fatalf("clear backends: %v", err)
 	}
 	for _, r := range rows {
-		if _, err := db.Exec(`INSERT INTO backends VALUES (?, 'test', ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
+		if _, err := db.Exec(`INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+			VALUES (?, 'test', ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
 			r.ID, r.Region, r.Country, r.Addr, r.Port, r.Healthy, r.Weight, r.Soft, r.Hard); err != nil {
 			t.Fatalf("insert backend %s: %v", r.ID, err)
 		}
