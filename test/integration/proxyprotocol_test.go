@@ -440,3 +440,57 @@ func TestProxyProtocolSlowHeadersDoNotStall(t *testing.T) {
 		})
 	}
 }
+
+// TestProxyProtocolHeaderWithPayload has the trusted upstream send its
+// header, a bulk payload and its FIN in one go, before the backend
+// answered: the backend gets its own header, then every byte in order,
+// then the FIN; nothing of the inbound header is forwarded.
+func TestProxyProtocolHeaderWithPayload(t *testing.T) {
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			topo := nettest.NewTopology(t)
+			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9001", headerBackend("pp"))
+			rows := []backendRow{
+				{ID: "silent", Region: "sa", Addr: "10.77.2.99", Port: 9001, Healthy: true, Weight: 1},
+				{ID: "pp", Region: "us", Addr: nettest.BackendIP, Port: 9001, Healthy: true, Weight: 1, ProxyProtocol: 1},
+			}
+			startProxy(t, topo.Proxy, plane, rows, "EDGEPROXY_HEALTH_INTERVAL_SECS=0", "EDGEPROXY_HEALTH_FALL=1000",
+				"EDGEPROXY_PROXY_PROTOCOL_FROM="+nettest.ClientIP+"/32")
+			c, err := nettest.Dial(topo.Client, nettest.ProxyClientIP+":8080", 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			payload := bytes.Repeat([]byte("abcdefghijklmno\n"), 8<<10) // 128 KiB
+			msg := append(v2Header(t, "11.91.2.7:5000", "192.0.2.80:443"), payload...)
+			errc := make(chan error, 1)
+			go func() {
+				_, err := c.Write(msg)
+				if err == nil {
+					err = c.CloseWrite()
+				}
+				errc <- err
+			}()
+			greeting, err := nettest.ReadLine(c, 5*time.Second)
+			want := fmt.Sprintf("hello from pp v=1 cmd=%d src=11.91.2.7:5000 dst=192.0.2.80:443", proxyproto.PROXY)
+			if err != nil || greeting != want {
+				t.Fatalf("greeting = %q, %v; want %q", greeting, err, want)
+			}
+			_ = c.SetReadDeadline(time.Now().Add(15 * time.Second))
+			got, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatalf("read echo: %v after %d bytes", err, len(got))
+			}
+			if werr := <-errc; werr != nil {
+				t.Fatalf("write: %v", werr)
+			}
+			if !bytes.Equal(got, payload) {
+				i := 0
+				for i < min(len(got), len(payload)) && got[i] == payload[i] {
+					i++
+				}
+				t.Fatalf("echo: %d bytes, want %d; first difference at byte %d", len(got), len(payload), i)
+			}
+		})
+	}
+}
