@@ -494,3 +494,62 @@ func TestProxyProtocolHeaderWithPayload(t *testing.T) {
 		})
 	}
 }
+
+// TestProxyProtocolPendingHeadersCountAgainstMaxConns: a connection
+// waiting for its header holds a place under EDGEPROXY_MAX_CONNS, so
+// upstreams that never finish theirs cannot run the process out of
+// descriptors; the places come back when the header times out.
+func TestProxyProtocolPendingHeadersCountAgainstMaxConns(t *testing.T) {
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			topo := nettest.NewTopology(t)
+			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9001", nettest.Greeter("b1"))
+			startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9001)}, "EDGEPROXY_HEALTH_INTERVAL_SECS=0",
+				"EDGEPROXY_ADMIN_ADDR=127.0.0.1:9090", "EDGEPROXY_MAX_CONNS=4",
+				"EDGEPROXY_PROXY_PROTOCOL_FROM="+nettest.ClientIP+"/32", "EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS=1500")
+			addr := nettest.ProxyClientIP + ":8080"
+			header := v2Header(t, "11.91.2.7:5000", nettest.ProxyClientIP+":8080")
+			for i := range 4 {
+				c, err := nettest.Dial(topo.Client, addr, 2*time.Second)
+				if err != nil {
+					t.Fatalf("slow client %d: %v", i, err)
+				}
+				defer c.Close()
+				if _, err := c.Write(header[:8]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The places are taken at accept: wait until all four are.
+			time.Sleep(200 * time.Millisecond)
+			// The reset may beat the dial's own return.
+			c, err := nettest.Dial(topo.Client, addr, 2*time.Second)
+			switch {
+			case errors.Is(err, syscall.ECONNRESET):
+			case err != nil:
+				t.Fatal(err)
+			default:
+				_, _ = c.Write(header)
+				expectRefused(t, "fifth connection with four headers pending", c, 3*time.Second)
+				c.Close()
+			}
+			if v, _ := scrape(t, topo.Proxy).get(`edgeproxy_rejected_connections_total{reason="max_conns"}`); v != 1 {
+				t.Fatalf(`rejected{reason="max_conns"} = %v, want 1`, v)
+			}
+			waitUntil(t, 5*time.Second, "the pending headers timing out", func() (bool, string) {
+				v, _ := scrape(t, topo.Proxy).get(`edgeproxy_proxy_protocol_refused_total{cause="timeout"}`)
+				return v == 4, fmt.Sprintf("timeout refusals %v", v)
+			})
+			c, err = nettest.Dial(topo.Client, addr, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := c.Write(header); err != nil {
+				t.Fatal(err)
+			}
+			if g, err := nettest.ReadLine(c, 5*time.Second); err != nil || g != "hello from b1" {
+				t.Fatalf("after the timeouts: greeting %q, %v", g, err)
+			}
+		})
+	}
+}
