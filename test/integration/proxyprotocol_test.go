@@ -553,3 +553,51 @@ func TestProxyProtocolPendingHeadersCountAgainstMaxConns(t *testing.T) {
 		})
 	}
 }
+
+// TestProxyProtocolClientLimitsUseHeaderClient: per-client limits count
+// the client a header names, not the upstream every connection comes from.
+func TestProxyProtocolClientLimitsUseHeaderClient(t *testing.T) {
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			topo := nettest.NewTopology(t)
+			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9001", nettest.Greeter("b1"))
+			startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9001)}, "EDGEPROXY_HEALTH_INTERVAL_SECS=0",
+				"EDGEPROXY_ADMIN_ADDR=127.0.0.1:9090", "EDGEPROXY_CLIENT_MAX_CONNS=1",
+				"EDGEPROXY_PROXY_PROTOCOL_FROM="+nettest.ClientIP+"/32")
+			addr := nettest.ProxyClientIP + ":8080"
+			open := func(client string) (*net.TCPConn, string) {
+				c, err := nettest.Dial(topo.Client, addr, 2*time.Second)
+				if err != nil {
+					return nil, err.Error()
+				}
+				if _, err := c.Write(v2Header(t, client, nettest.ProxyClientIP+":8080")); err != nil {
+					c.Close()
+					return nil, err.Error()
+				}
+				g, err := nettest.ReadLine(c, 3*time.Second)
+				if err != nil {
+					c.Close()
+					return nil, "closed: " + err.Error()
+				}
+				return c, g
+			}
+			a1, g := open("11.91.2.7:5000")
+			if a1 == nil || g != "hello from b1" {
+				t.Fatalf("first connection of client A: %q", g)
+			}
+			defer a1.Close()
+			if a2, g := open("11.91.2.7:5001"); a2 != nil {
+				a2.Close()
+				t.Fatalf("second connection of client A served (%q): the limit did not count the header's client", g)
+			}
+			b1, g := open("11.91.4.9:5000")
+			if b1 == nil || g != "hello from b1" {
+				t.Fatalf("client B through the same upstream: %q: the limit counted the upstream", g)
+			}
+			defer b1.Close()
+			if v, _ := scrape(t, topo.Proxy).get(`edgeproxy_rejected_connections_total{reason="client_max_conns"}`); v != 1 {
+				t.Fatalf(`rejected{reason="client_max_conns"} = %v, want 1`, v)
+			}
+		})
+	}
+}
