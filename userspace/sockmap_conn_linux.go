@@ -105,10 +105,13 @@ type smConn struct {
 	release         func() // gives back the admission slot
 	clientAddr      netip.AddrPort
 	origin          clientOrigin // who it serves, per a PROXY header if one came
-	start           time.Time
-	deadline        time.Time // this connect attempt's deadline
-	connectBy       time.Time // every attempt's deadline together
-	lastActive      time.Time // a byte moved either way (idle sweep)
+	// earlySent is how many client bytes read behind an inbound header
+	// went to the backend ahead of the verdict's count.
+	earlySent  uint64
+	start      time.Time
+	deadline   time.Time // this connect attempt's deadline
+	connectBy  time.Time // every attempt's deadline together
+	lastActive time.Time // a byte moved either way (idle sweep)
 	// keepaliveAt is when the backend socket gets its keepalive options,
 	// zero once it has them (see keepaliveDelay).
 	keepaliveAt time.Time
@@ -271,6 +274,7 @@ func (p *sockmapPlane) finishConnect(c *smConn, events uint32) {
 	// part of its base (landed, sentTo and the stall check subtract it;
 	// counted as the verdict's, the FIN could overtake its last bytes).
 	c.backend.base = 1 + uint64(sent) + uint64(len(early))
+	c.earlySent = uint64(len(early))
 	c.lease.Connected()
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
@@ -506,7 +510,7 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 	}
 	c.lease.Release()
 	c.release()
-	in, out := c.client.settledTotal(), c.backend.settledTotal()
+	in, out := c.earlySent+c.client.settledTotal(), c.backend.settledTotal()
 	p.env.onClose(ConnSummary{
 		Client: c.clientAddr, Backend: c.lease.Backend.ID,
 		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how, Dataplane: "sockmap",
