@@ -123,14 +123,15 @@ func readOnlyURI(path string) string {
 	return "file:" + uriPathEscaper.Replace(filepath.Clean(path)) + "?mode=ro&_pragma=busy_timeout(2000)"
 }
 
-// backendColumns is the contract's column order; country is the one column
-// the seed's older table lacks.
+// backendColumns is the contract's column order; optionalBackendColumns
+// are those an older table may lack: country (the seed's ten-column table)
+// and proxy_protocol (added by the second wave of issues).
 var backendColumns = []string{
 	"id", "app", "region", "country", "wg_ip", "port",
-	"healthy", "weight", "soft_limit", "hard_limit", "deleted",
+	"healthy", "weight", "soft_limit", "hard_limit", "deleted", "proxy_protocol",
 }
 
-const optionalBackendColumn = "country"
+var optionalBackendColumns = map[string]bool{"country": true, "proxy_protocol": true}
 
 func loadTable(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (*Table, []RowError, error) {
 	rows, err := readRows(ctx, db, path, opts)
@@ -185,7 +186,7 @@ func readRows(ctx context.Context, db *sql.DB, path string, opts LoadOptions) (t
 		switch {
 		case ok:
 			selects[i] = quoteIdent(declared)
-		case c == optionalBackendColumn:
+		case optionalBackendColumns[c]:
 			selects[i] = "NULL"
 		default:
 			return out, fmt.Errorf("read routing db %s: backends table has no column %s", path, c)
@@ -330,6 +331,13 @@ func parseBackend(vals []any, isSelf func(netip.AddrPort) bool) (b Backend, isDe
 	b.HardLimit = limit("hard_limit", vals[9])
 	if b.SoftLimit > 0 && b.HardLimit > 0 && b.SoftLimit > b.HardLimit {
 		bad("soft_limit", vals[8], fmt.Sprintf("must not exceed hard_limit %d", b.HardLimit))
+	}
+	// NULL (or a table without the column) sends no header: a backend
+	// that does not expect one would take it for payload.
+	if pp := limit("proxy_protocol", vals[11]); pp <= 2 {
+		b.ProxyProtocol = max(pp, 0)
+	} else {
+		bad("proxy_protocol", vals[11], "must be 0 (none), 1 (PROXY v1) or 2 (PROXY v2)")
 	}
 	return b, false, errs
 }

@@ -67,6 +67,9 @@ type backendJSON struct {
 	Weight    int    `json:"weight"`
 	SoftLimit int    `json:"soft_limit"`
 	HardLimit int    `json:"hard_limit"`
+	// ProxyProtocol is left out when 0, so rows written before the
+	// column existed and rows without a header read alike.
+	ProxyProtocol int `json:"proxy_protocol,omitempty"`
 }
 
 // MarshalBackend is b as a JSON row.
@@ -76,7 +79,8 @@ func MarshalBackend(b Backend) []byte {
 		healthy = 1
 	}
 	return mustMarshal(backendJSON{ID: b.ID, App: b.App, Region: b.Region, Country: b.Country, WGIP: b.Addr.String(),
-		Port: b.Port, Healthy: healthy, Weight: b.Weight, SoftLimit: b.SoftLimit, HardLimit: b.HardLimit})
+		Port: b.Port, Healthy: healthy, Weight: b.Weight, SoftLimit: b.SoftLimit, HardLimit: b.HardLimit,
+		ProxyProtocol: b.ProxyProtocol})
 }
 
 type popJSON struct {

@@ -10,6 +10,13 @@ import (
 // (load.go, pops.go): a column added here is a column read there. Every
 // statement is idempotent, so InitSchema on an existing database only adds
 // the tables it lacks and never touches rows.
+//
+// The backends table keeps the contract's eleven columns: operators fill it
+// with positional `INSERT INTO backends VALUES (...)`, which a twelfth
+// column would break. proxy_protocol is optional (the loader reads a
+// missing one as 0); `ALTER TABLE backends ADD COLUMN proxy_protocol
+// INTEGER DEFAULT 0` adds it, and so does any write through edgeproxy
+// (addMissingColumns).
 const (
 	backendsDDL = `CREATE TABLE IF NOT EXISTS backends (
     id TEXT PRIMARY KEY, app TEXT, region TEXT, country TEXT,

@@ -24,6 +24,9 @@ type Backend struct {
 	Weight                   int
 	SoftLimit                int
 	HardLimit                int // 0: no limit
+	// ProxyProtocol is the PROXY protocol header sent to the backend
+	// ahead of the client's bytes: 0 none, 1 v1 (text), 2 v2 (binary).
+	ProxyProtocol int
 }
 
 // AddrPort is the address the proxy dials.
@@ -213,6 +216,7 @@ func (t *Table) contentHash() uint64 {
 		writeInt(int64(b.Weight))
 		writeInt(int64(b.SoftLimit))
 		writeInt(int64(b.HardLimit))
+		writeInt(int64(b.ProxyProtocol))
 	}
 	writeInt(int64(len(t.Deleted)))
 	for _, id := range t.Deleted {

@@ -158,7 +158,7 @@ func addMissingColumns(ctx context.Context, tx *sql.Tx, table string, columns []
 			continue
 		}
 		typ := "TEXT"
-		if c == "deleted" {
+		if c == "deleted" || c == "proxy_protocol" {
 			typ = "INTEGER DEFAULT 0"
 		}
 		if _, err := tx.ExecContext(ctx, "ALTER TABLE "+quoteIdent(table)+" ADD COLUMN "+quoteIdent(c)+" "+typ); err != nil {
@@ -214,9 +214,10 @@ func applyChange(ctx context.Context, tx *sql.Tx, c Change) error {
 	case c.Backend != nil:
 		b := c.Backend
 		_, err = tx.ExecContext(ctx, `INSERT INTO backends
-			(id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
-			b.ID, b.App, b.Region, b.Country, b.Addr.String(), int64(b.Port), b.Healthy, b.Weight, b.SoftLimit, b.HardLimit)
+			(id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted, proxy_protocol)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)`,
+			b.ID, b.App, b.Region, b.Country, b.Addr.String(), int64(b.Port), b.Healthy, b.Weight, b.SoftLimit, b.HardLimit,
+			b.ProxyProtocol)
 	case c.Pop != nil:
 		p := c.Pop
 		_, err = tx.ExecContext(ctx, `INSERT INTO pops

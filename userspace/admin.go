@@ -317,9 +317,11 @@ type collector struct {
 type metricValues struct {
 	backends []BackendCounters
 	rejected map[string]uint64
-	reloads  map[string]uint64
-	bindings int
-	verdicts map[string]uint64
+	// headerRefused counts refused PROXY headers by cause.
+	headerRefused map[string]uint64
+	reloads       map[string]uint64
+	bindings      int
+	verdicts      map[string]uint64
 }
 
 // metricValues reads the proxy's counters. The plane's Stats are counted
@@ -333,30 +335,32 @@ func (p *Proxy) metricValues() metricValues {
 		b.Up = j >= 0 && t.Backends[j].Healthy && !b.Down
 	}
 	return metricValues{
-		backends: backends,
-		rejected: p.balancer.RejectedCounts(),
-		reloads:  p.reloads.snapshot().results,
-		bindings: p.balancer.Bindings(),
-		verdicts: p.plane.Stats().Verdicts,
+		backends:      backends,
+		rejected:      p.balancer.RejectedCounts(),
+		headerRefused: p.headerRefusals.Counts(),
+		reloads:       p.reloads.snapshot().results,
+		bindings:      p.balancer.Bindings(),
+		verdicts:      p.plane.Stats().Verdicts,
 	}
 }
 
 var (
-	descConnections = prometheus.NewDesc("edgeproxy_connections_total", "Client connections routed to a backend.", []string{"backend"}, nil)
-	descActive      = prometheus.NewDesc("edgeproxy_active_connections", "Connections currently open to a backend (slots reserved).", []string{"backend"}, nil)
-	descRejected    = prometheus.NewDesc("edgeproxy_rejected_connections_total", "Clients closed at once, by reason: no eligible backend, a client or process limit, every dial failed.", []string{"reason"}, nil)
-	descBytes       = prometheus.NewDesc("edgeproxy_bytes_total", "Payload bytes moved, by backend and direction.", []string{"backend", "direction"}, nil)
-	descConnectErrs = prometheus.NewDesc("edgeproxy_backend_connect_errors_total", "Backend dials that failed or timed out.", []string{"backend"}, nil)
-	descReloads     = prometheus.NewDesc("edgeproxy_routing_reloads_total", "Routing database reloads by result.", []string{"result"}, nil)
-	descBindings    = prometheus.NewDesc("edgeproxy_affinity_bindings", "Client affinity bindings held.", nil, nil)
-	descVerdicts    = prometheus.NewDesc("edgeproxy_verdicts_total", "Stream verdicts of the sockmap program by reason.", []string{"reason"}, nil)
-	descBackendUp   = prometheus.NewDesc("edgeproxy_backend_up", "1 when the backend may take connections, 0 when checks or routing.db (healthy=0) hold it down.", []string{"backend"}, nil)
-	descChecks      = prometheus.NewDesc("edgeproxy_health_checks_total", "Active health checks by result.", []string{"backend", "result"}, nil)
-	descRetries     = prometheus.NewDesc("edgeproxy_connect_retries_total", "Connections retried on another backend after a dial to this one failed.", []string{"backend"}, nil)
+	descConnections   = prometheus.NewDesc("edgeproxy_connections_total", "Client connections routed to a backend.", []string{"backend"}, nil)
+	descActive        = prometheus.NewDesc("edgeproxy_active_connections", "Connections currently open to a backend (slots reserved).", []string{"backend"}, nil)
+	descRejected      = prometheus.NewDesc("edgeproxy_rejected_connections_total", "Clients closed at once, by reason: no eligible backend, a client or process limit, every dial failed.", []string{"reason"}, nil)
+	descBytes         = prometheus.NewDesc("edgeproxy_bytes_total", "Payload bytes moved, by backend and direction.", []string{"backend", "direction"}, nil)
+	descConnectErrs   = prometheus.NewDesc("edgeproxy_backend_connect_errors_total", "Backend dials that failed or timed out.", []string{"backend"}, nil)
+	descReloads       = prometheus.NewDesc("edgeproxy_routing_reloads_total", "Routing database reloads by result.", []string{"result"}, nil)
+	descBindings      = prometheus.NewDesc("edgeproxy_affinity_bindings", "Client affinity bindings held.", nil, nil)
+	descVerdicts      = prometheus.NewDesc("edgeproxy_verdicts_total", "Stream verdicts of the sockmap program by reason.", []string{"reason"}, nil)
+	descBackendUp     = prometheus.NewDesc("edgeproxy_backend_up", "1 when the backend may take connections, 0 when checks or routing.db (healthy=0) hold it down.", []string{"backend"}, nil)
+	descChecks        = prometheus.NewDesc("edgeproxy_health_checks_total", "Active health checks by result.", []string{"backend", "result"}, nil)
+	descRetries       = prometheus.NewDesc("edgeproxy_connect_retries_total", "Connections retried on another backend after a dial to this one failed.", []string{"backend"}, nil)
+	descHeaderRefused = prometheus.NewDesc("edgeproxy_proxy_protocol_refused_total", "Connections closed because of their PROXY header, by cause (each also counted in edgeproxy_rejected_connections_total{reason=\"proxy_protocol\"}).", []string{"cause"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnections, descActive, descRejected, descBytes, descConnectErrs, descReloads, descBindings, descVerdicts, descBackendUp, descChecks, descRetries} {
+	for _, d := range []*prometheus.Desc{descConnections, descActive, descRejected, descBytes, descConnectErrs, descReloads, descBindings, descVerdicts, descBackendUp, descChecks, descRetries, descHeaderRefused} {
 		ch <- d
 	}
 }
@@ -407,6 +411,9 @@ func emitMetrics(ch chan<- prometheus.Metric, v metricValues, errs prometheus.Co
 	}
 	for reason, n := range v.rejected {
 		emit(descRejected, prometheus.CounterValue, float64(n), reason)
+	}
+	for cause, n := range v.headerRefused {
+		emit(descHeaderRefused, prometheus.CounterValue, float64(n), cause)
 	}
 	for result, n := range v.reloads {
 		emit(descReloads, prometheus.CounterValue, float64(n), result)

@@ -31,11 +31,32 @@ type admission struct {
 // admit reserves a place for a client. On refusal release is nil and the
 // refusal is already counted.
 func (a *admission) admit(addr netip.Addr) (release func(), reason routing.RejectReason) {
+	if !a.reserve() {
+		return nil, RejectMaxConns
+	}
+	return a.admitReserved(addr)
+}
+
+// reserve takes a place under the process-wide cap alone, for a
+// connection whose client is not known yet (its PROXY header is still to
+// come): pending headers hold descriptors, so they count against the cap.
+// On refusal it is already counted. The place is given back by
+// admitReserved's release or by unreserve.
+func (a *admission) reserve() bool {
 	if n := a.conns.Add(1); a.maxConns > 0 && n > a.maxConns {
 		a.conns.Add(-1)
 		a.balancer.countReject(RejectMaxConns)
-		return nil, RejectMaxConns
+		return false
 	}
+	return true
+}
+
+func (a *admission) unreserve() { a.conns.Add(-1) }
+
+// admitReserved applies the per-address limits to a client that already
+// holds a place from reserve. On refusal the place is given back and the
+// refusal counted.
+func (a *admission) admitReserved(addr netip.Addr) (release func(), reason routing.RejectReason) {
 	var releaseClient func()
 	if a.clients != nil {
 		r, why := a.clients.Admit(addr)

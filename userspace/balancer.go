@@ -390,7 +390,7 @@ const (
 // allRejectReasons are shown with zeros from the start.
 var allRejectReasons = []routing.RejectReason{
 	routing.RejectTableEmpty, routing.RejectNoneHealthy, routing.RejectAllAtHardLimit,
-	RejectClientMaxConns, RejectClientRate, RejectMaxConns, RejectAllDialsFailed,
+	RejectClientMaxConns, RejectClientRate, RejectMaxConns, RejectProxyProtocol, RejectAllDialsFailed,
 }
 
 func (b *Balancer) countReject(reason routing.RejectReason) {

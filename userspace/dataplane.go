@@ -49,6 +49,8 @@ type planeEnv struct {
 	warn *throttledLog
 	// onClose is called once per finished connection with its summary.
 	onClose func(ConnSummary)
+	// proxyHeaders is the inbound PROXY protocol policy.
+	proxyHeaders proxyHeaderPolicy
 }
 
 // keepaliveInterval and keepaliveProbes follow from the idle time: five

@@ -46,6 +46,10 @@ type Config struct {
 	MaxBufferedMB  int           // EDGEPROXY_MAX_BUFFERED_MB
 	StallTimeout   time.Duration // EDGEPROXY_STALL_TIMEOUT_SECS; 0: off
 	Workers        int           // EDGEPROXY_WORKERS; 0: one per CPU the process may run on
+	// ProxyProtocolFrom are the upstreams whose connections must start
+	// with a PROXY header (EDGEPROXY_PROXY_PROTOCOL_FROM); empty: none.
+	ProxyProtocolFrom    []netip.Prefix
+	ProxyProtocolTimeout time.Duration // EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS
 	// LoadOptions are how routing.db is read (the overlay's host
 	// addresses and POP id); New adds the listen-address check.
 	LoadOptions routing.LoadOptions
@@ -80,6 +84,8 @@ type Proxy struct {
 	applying        sync.Mutex
 	collectorErrors prometheus.Counter
 	extraCollectors []prometheus.Collector
+	// headerRefusals counts refused PROXY headers by cause.
+	headerRefusals headerRefusalCounts
 }
 
 // New opens the routing database and geo database, picks the data plane and
@@ -142,6 +148,7 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		admission: p.admission, keepalive: cfg.Keepalive, idleTimeout: cfg.IdleTimeout,
 		stallTimeout: cfg.StallTimeout, bufferBudget: uint64(cfg.MaxBufferedMB) << 20,
 		log: log, warn: newThrottledLog(log, 10*time.Second), onClose: p.onClose,
+		proxyHeaders: proxyHeaderPolicy{from: cfg.ProxyProtocolFrom, timeout: cfg.ProxyProtocolTimeout, refused: &p.headerRefusals},
 	}
 	if err := p.choosePlane(env); err != nil {
 		p.ln.Close()

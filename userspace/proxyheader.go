@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/pires/go-proxyproto"
 )
@@ -39,7 +41,7 @@ var errHeaderIncomplete = errors.New("PROXY header incomplete")
 // headerRefusal is why a connection's PROXY header was refused. Its cause is
 // a short word for logs and the refused-header metric.
 type headerRefusal struct {
-	cause  string // missing, malformed, oversized, truncated, timeout, unexpected, unsupported
+	cause  string // one of headerRefusalCauses
 	detail string
 }
 
@@ -120,6 +122,15 @@ func proxyHeaderLen(b []byte) (int, error) {
 		return 0, errHeaderIncomplete
 	}
 	return 0, refuseHeader("missing", "connection does not start with a PROXY v1 or v2 signature")
+}
+
+// carriesProxySignature reports whether b holds a whole PROXY v1 or v2
+// signature at its start. An untrusted peer's first bytes are refused only
+// then: a shorter prefix ("\r\n", "PRO") is also the start of ordinary
+// payload, and if a header follows it, it is forwarded as payload, never
+// interpreted.
+func carriesProxySignature(b []byte) bool {
+	return bytes.HasPrefix(b, proxyproto.SIGV2) || bytes.HasPrefix(b, []byte("PROXY "))
 }
 
 // startsLikeProxyHeader reports whether b begins with a PROXY v1 or v2
@@ -216,4 +227,102 @@ func (t trustedUpstreams) trusts(peer netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// headerRefusalCauses are the causes a PROXY header is refused for, each
+// counted in edgeproxy_proxy_protocol_refused_total{cause}:
+//   - missing: a trusted upstream's connection does not start with a signature
+//   - malformed: it does, but what follows is not a header
+//   - oversized: a v2 header longer than maxProxyHeaderLen
+//   - unsupported: a header for a transport that is not TCP
+//   - truncated: the upstream closed or reset before the header was whole
+//   - timeout: the header was not whole within EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS
+//   - untrusted: a peer outside EDGEPROXY_PROXY_PROTOCOL_FROM sent one
+var headerRefusalCauses = [...]string{"missing", "malformed", "oversized", "unsupported", "truncated", "timeout", "untrusted"}
+
+// headerRefusalCounts counts refused headers by cause, for every loop of
+// either plane.
+type headerRefusalCounts struct {
+	n [len(headerRefusalCauses)]atomic.Uint64
+}
+
+func (c *headerRefusalCounts) count(cause string) {
+	for i, k := range headerRefusalCauses {
+		if k == cause {
+			c.n[i].Add(1)
+			return
+		}
+	}
+	c.n[1].Add(1) // a cause without its own counter is a malformed header
+}
+
+// Counts returns the refusals by cause, every cause present.
+func (c *headerRefusalCounts) Counts() map[string]uint64 {
+	out := make(map[string]uint64, len(headerRefusalCauses))
+	for i, k := range headerRefusalCauses {
+		out[k] = c.n[i].Load()
+	}
+	return out
+}
+
+// defaultProxyHeaderTimeout is EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS's default.
+const defaultProxyHeaderTimeout = 3 * time.Second
+
+// proxyHeaderPolicy is the inbound PROXY protocol setting both planes
+// apply at accept.
+type proxyHeaderPolicy struct {
+	from    trustedUpstreams // peers whose connections must start with a header
+	timeout time.Duration    // longest wait for it; 0: the default
+	refused *headerRefusalCounts
+}
+
+// on reports whether any peer is trusted to send a header.
+func (p proxyHeaderPolicy) on() bool { return len(p.from) > 0 }
+
+func (p proxyHeaderPolicy) wait() time.Duration {
+	if p.timeout <= 0 {
+		return defaultProxyHeaderTimeout
+	}
+	return p.timeout
+}
+
+func (p proxyHeaderPolicy) countRefusal(cause string) {
+	if p.refused != nil {
+		p.refused.count(cause)
+	}
+}
+
+// clientOrigin is who a connection serves and where its client was going:
+// what admission, routing, affinity and logs use, and what an outbound
+// header names.
+type clientOrigin struct {
+	// client is the accepted socket's peer, or the client a trusted
+	// upstream's header named (IPv4-mapped IPv6 unmapped).
+	client netip.AddrPort
+	// dst is the destination a header named; zero: the accepted socket's
+	// own local address.
+	dst netip.AddrPort
+	// upstream is the trusted peer that sent a header; zero without one.
+	upstream netip.AddrPort
+	// reserved: the connection already holds its place under the process
+	// cap (taken while its header was awaited).
+	reserved bool
+	// early are client bytes read behind the header (sockmap plane only):
+	// they go to the backend after its own header, before any other byte.
+	early []byte
+}
+
+// originFromHeader is the origin a complete header gives a connection
+// accepted from upstream. A LOCAL (or v1 UNKNOWN) header keeps the
+// connection's own addresses.
+func originFromHeader(h *proxyproto.Header, upstream netip.AddrPort) clientOrigin {
+	o := clientOrigin{client: upstream, upstream: upstream, reserved: true}
+	if c, ok := headerClient(h); ok {
+		o.client = c
+		if _, dst, isTCP := h.TCPAddrs(); isTCP {
+			ap := dst.AddrPort()
+			o.dst = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+	}
+	return o
 }

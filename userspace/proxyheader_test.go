@@ -201,3 +201,67 @@ func FuzzScanProxyHeader(f *testing.F) {
 		}
 	})
 }
+
+func TestCarriesProxySignatureOnlyWhole(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want bool
+	}{
+		{"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", true},
+		{"PROXY ", true},
+		{string(proxyproto.SIGV2) + "\x21", true},
+		{"PROX", false},     // a prefix is also ordinary payload
+		{"\r\n\r\n", false}, // so is a blank line
+		{"GET / HTTP/1.1\r\n", false},
+		{"", false},
+	} {
+		if got := carriesProxySignature([]byte(tc.in)); got != tc.want {
+			t.Errorf("carriesProxySignature(%q) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestOriginFromHeader(t *testing.T) {
+	upstream := netip.MustParseAddrPort("10.0.0.9:40000")
+	h, _, err := scanProxyHeader([]byte("PROXY TCP6 ::ffff:11.91.2.7 ::ffff:192.0.2.80 5000 443\r\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := originFromHeader(h, upstream)
+	want := clientOrigin{client: netip.MustParseAddrPort("11.91.2.7:5000"), dst: netip.MustParseAddrPort("192.0.2.80:443"),
+		upstream: upstream, reserved: true}
+	if o.client != want.client || o.dst != want.dst || o.upstream != want.upstream || !o.reserved {
+		t.Fatalf("PROXY: origin %+v, want %+v", o, want)
+	}
+	local, _, err := scanProxyHeader(mustFormatHeader(t, &proxyproto.Header{Version: 2, Command: proxyproto.LOCAL}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o = originFromHeader(local, upstream)
+	if o.client != upstream || o.dst.IsValid() || !o.reserved {
+		t.Fatalf("LOCAL: origin %+v, want the upstream's own address and no destination", o)
+	}
+}
+
+func mustFormatHeader(t *testing.T, h *proxyproto.Header) []byte {
+	t.Helper()
+	b, err := h.Format()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestHeaderRefusalCounts(t *testing.T) {
+	var c headerRefusalCounts
+	c.count("timeout")
+	c.count("timeout")
+	c.count("untrusted")
+	got := c.Counts()
+	if len(got) != len(headerRefusalCauses) {
+		t.Fatalf("counts %v: want every cause present", got)
+	}
+	if got["timeout"] != 2 || got["untrusted"] != 1 || got["missing"] != 0 {
+		t.Fatalf("counts %v", got)
+	}
+}

@@ -104,10 +104,14 @@ type smConn struct {
 	lease           *Lease
 	release         func() // gives back the admission slot
 	clientAddr      netip.AddrPort
-	start           time.Time
-	deadline        time.Time // this connect attempt's deadline
-	connectBy       time.Time // every attempt's deadline together
-	lastActive      time.Time // a byte moved either way (idle sweep)
+	origin          clientOrigin // who it serves, per a PROXY header if one came
+	// earlySent is how many client bytes read behind an inbound header
+	// went to the backend ahead of the verdict's count.
+	earlySent  uint64
+	start      time.Time
+	deadline   time.Time // this connect attempt's deadline
+	connectBy  time.Time // every attempt's deadline together
+	lastActive time.Time // a byte moved either way (idle sweep)
 	// keepaliveAt is when the backend socket gets its keepalive options,
 	// zero once it has them (see keepaliveDelay).
 	keepaliveAt time.Time
@@ -116,8 +120,9 @@ type smConn struct {
 	mapSockets, mapPairings int64
 }
 
-func (p *sockmapPlane) startConn(cfd int, client netip.AddrPort) {
-	release, reject := p.env.admission.admit(client.Addr())
+func (p *sockmapPlane) startConn(cfd int, origin clientOrigin) {
+	client := origin.client
+	release, reject := p.env.admitOrigin(origin)
 	if release == nil {
 		p.env.log.Debug("client refused", "client", client, "reason", reject)
 		closeWithReset(cfd)
@@ -132,7 +137,7 @@ func (p *sockmapPlane) startConn(cfd int, client netip.AddrPort) {
 	}
 	p.env.logOpen("sockmap", client, lease)
 	now := time.Now()
-	c := &smConn{lease: lease, release: release, clientAddr: client, start: now, lastActive: now}
+	c := &smConn{lease: lease, release: release, clientAddr: client, origin: origin, start: now, lastActive: now}
 	c.connectBy = now.Add(p.env.connectTimeout)
 	if p.env.keepalive > 0 {
 		c.keepaliveAt = now.Add(keepaliveDelay(p.env.keepalive))
@@ -238,6 +243,38 @@ func (p *sockmapPlane) finishConnect(c *smConn, events uint32) {
 		p.failConnect(c, fmt.Errorf("connect: %w", err))
 		return
 	}
+	if p.env.untrustedHeader(c.client.fd, c.origin) {
+		c.lease.Connected()
+		p.reset(c, "proxy_protocol", "PROXY header from an untrusted peer")
+		return
+	}
+	sent, err := sendProxyHeader(c.backend.fd, c.client.fd, &c.lease.Backend, c.origin)
+	if err != nil {
+		p.failConnect(c, err)
+		return
+	}
+	// Client bytes read behind an inbound header go next; what the
+	// socket does not take now is flushed (forward) before the client's
+	// direction is armed, so before any byte the verdict counts.
+	early := c.origin.early
+	if len(early) > 0 {
+		n, err := unix.Write(c.backend.fd, early)
+		if errors.Is(err, unix.EAGAIN) {
+			n, err = 0, nil
+		}
+		if err != nil {
+			p.failConnect(c, fmt.Errorf("send the client's first bytes to backend %s: %w", c.lease.Backend.ID, err))
+			return
+		}
+		countMoved(&c.backend, n)
+		c.client.pending = early[n:]
+	}
+	// The header and the early bytes go ahead of every byte the verdict
+	// counts: TCP_INFO counts them as sent on this socket, so they are
+	// part of its base (landed, sentTo and the stall check subtract it;
+	// counted as the verdict's, the FIN could overtake its last bytes).
+	c.backend.base = 1 + uint64(sent) + uint64(len(early))
+	c.earlySent = uint64(len(early))
 	c.lease.Connected()
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
@@ -473,7 +510,7 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 	}
 	c.lease.Release()
 	c.release()
-	in, out := c.client.settledTotal(), c.backend.settledTotal()
+	in, out := c.earlySent+c.client.settledTotal(), c.backend.settledTotal()
 	p.env.onClose(ConnSummary{
 		Client: c.clientAddr, Backend: c.lease.Backend.ID,
 		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how, Dataplane: "sockmap",

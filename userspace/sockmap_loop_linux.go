@@ -46,6 +46,9 @@ type sockmapPlane struct {
 	unpairs  []loader.Pair
 	unpairBy time.Time
 	buf      []byte
+	// headers are the accepted connections still waiting for their
+	// trusted upstream's PROXY header: not routed yet, not in conns.
+	headers  *headerWaits
 	counters *sockmapCounters // shared by every loop
 	accepted atomic.Uint64    // connections this loop accepted
 	// lnEvents is how the listener is registered: EPOLLEXCLUSIVE when
@@ -250,6 +253,7 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 		return fmt.Errorf("create eventfd: %w", err)
 	}
 	defer unix.Close(p.wakefd)
+	p.headers = newHeaderWaits(p.env, p.epfd, true)
 	if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, p.lnEvents); err != nil {
 		return err
 	}
@@ -272,10 +276,11 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 			for c := range p.conns {
 				p.reset(c, "shutdown", "drain ended")
 			}
+			p.headers.closeAll()
 			p.flushUnpairs()
 			return nil
 		}
-		if p.lnfd < 0 && len(p.conns) == 0 {
+		if p.lnfd < 0 && len(p.conns) == 0 && p.headers.pending() == 0 {
 			p.flushUnpairs()
 			return nil
 		}
@@ -291,12 +296,20 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 				timeout = t
 			}
 		}
+		if d := p.headers.nextDeadline(); !d.IsZero() {
+			if t := millisUntil(d); timeout < 0 || t < timeout {
+				timeout = t
+			}
+		}
 		n, err := unix.EpollWait(p.epfd, events, timeout)
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return fmt.Errorf("epoll wait: %w", err)
 		}
 		for i := range max(n, 0) {
 			p.dispatch(int(events[i].Fd), events[i].Events)
+		}
+		if p.headers.pending() > 0 {
+			p.headers.expire(time.Now())
 		}
 		if len(p.conns) == 0 && len(p.unpairs) > 0 && !time.Now().Before(p.unpairBy) {
 			p.flushUnpairs()
@@ -368,6 +381,12 @@ func (p *sockmapPlane) dispatch(fd int, events uint32) {
 		_, _ = unix.Read(p.wakefd, b[:])
 		return
 	}
+	if p.headers.waiting(fd) {
+		if origin, ok := p.headers.ready(fd, events); ok {
+			p.startConn(fd, origin)
+		}
+		return
+	}
 	if fd >= len(p.byFD) || p.byFD[fd] == nil {
 		return
 	}
@@ -412,7 +431,11 @@ func (p *sockmapPlane) acceptRun() {
 		switch {
 		case err == nil:
 			p.accepted.Add(1)
-			p.startConn(fd, client)
+			if p.env.proxyHeaders.from.trusts(client.Addr()) {
+				p.headers.begin(fd, client, time.Now())
+				continue
+			}
+			p.startConn(fd, clientOrigin{client: client})
 		case errors.Is(err, unix.EAGAIN):
 			return
 		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):

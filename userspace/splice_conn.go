@@ -17,6 +17,7 @@ type spliceConn struct {
 	lease               *Lease
 	release             func() // gives back the admission slot
 	clientAddr          netip.AddrPort
+	origin              clientOrigin // who it serves, per a PROXY header if one came
 	start               time.Time
 	deadline            time.Time // this connect attempt's deadline
 	connectBy           time.Time // every attempt's deadline together
@@ -81,8 +82,9 @@ func (c *spliceConn) quiet() bool {
 	return true
 }
 
-func (l *spliceLoop) startConn(cfd int, client netip.AddrPort) {
-	release, reject := l.env.admission.admit(client.Addr())
+func (l *spliceLoop) startConn(cfd int, origin clientOrigin) {
+	client := origin.client
+	release, reject := l.env.admitOrigin(origin)
 	if release == nil {
 		l.env.log.Debug("client refused", "client", client, "reason", reject)
 		closeWithReset(cfd)
@@ -97,7 +99,7 @@ func (l *spliceLoop) startConn(cfd int, client netip.AddrPort) {
 	}
 	l.env.logOpen("splice", client, lease)
 	now := time.Now()
-	c := &spliceConn{lease: lease, release: release, clientAddr: client, start: now, lastActive: now}
+	c := &spliceConn{lease: lease, release: release, clientAddr: client, origin: origin, start: now, lastActive: now}
 	c.connectBy = now.Add(l.env.connectTimeout)
 	c.client = spliceSocket{conn: c, fd: cfd, from: &c.toBackend, to: &c.toClient}
 	c.backend = spliceSocket{conn: c, fd: -1, from: &c.toClient, to: &c.toBackend}
@@ -205,6 +207,16 @@ func (l *spliceLoop) finishConnect(c *spliceConn) {
 			err = unix.Errno(errno)
 		}
 		l.failConnect(c, fmt.Errorf("connect: %w", err))
+		return
+	}
+	if l.env.untrustedHeader(c.client.fd, c.origin) {
+		c.lease.Connected()
+		l.reset(c, "proxy_protocol", "PROXY header from an untrusted peer")
+		return
+	}
+	// Before the pumps run: the client's bytes follow the header.
+	if _, err := sendProxyHeader(c.backend.fd, c.client.fd, &c.lease.Backend, c.origin); err != nil {
+		l.failConnect(c, err)
 		return
 	}
 	c.connecting = false

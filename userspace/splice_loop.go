@@ -28,8 +28,11 @@ type spliceLoop struct {
 	// resume are connections a pump left with bytes still to move
 	// (maxPumpRounds), so one busy stream cannot starve the others.
 	// Edge-triggered epoll will not report them again: the loop does.
-	resume   []*spliceConn
-	pipes    pipePool
+	resume []*spliceConn
+	pipes  pipePool
+	// headers are the accepted connections still waiting for their
+	// trusted upstream's PROXY header: not routed yet, not in conns.
+	headers  *headerWaits
 	buf      []byte        // copies of directions that found no pipe free
 	accepted atomic.Uint64 // connections this loop accepted
 
@@ -89,6 +92,7 @@ func (l *spliceLoop) serve(accept, stop context.Context, lnfd int) error {
 		return fmt.Errorf("create eventfd: %w", err)
 	}
 	defer unix.Close(l.wakefd)
+	l.headers = newHeaderWaits(l.env, l.epfd, false)
 	if err := l.epollCtl(unix.EPOLL_CTL_ADD, l.lnfd, l.lnEvents); err != nil {
 		return err
 	}
@@ -114,9 +118,10 @@ func (l *spliceLoop) serve(accept, stop context.Context, lnfd int) error {
 			for c := range l.conns {
 				l.reset(c, "shutdown", "drain ended")
 			}
+			l.headers.closeAll()
 			return nil
 		}
-		if l.lnfd < 0 && len(l.conns) == 0 {
+		if l.lnfd < 0 && len(l.conns) == 0 && l.headers.pending() == 0 {
 			return nil
 		}
 		n, err := unix.EpollWait(l.epfd, events, l.waitTimeout())
@@ -130,6 +135,9 @@ func (l *spliceLoop) serve(accept, stop context.Context, lnfd int) error {
 		l.resumePumps()
 		now := l.now
 		l.checkConnects(now)
+		if l.headers.pending() > 0 {
+			l.headers.expire(now)
+		}
 		if l.env.idleTimeout > 0 || l.env.stallTimeout > 0 {
 			if !now.Before(l.nextSweep) {
 				l.nextSweep = now.Add(spliceSweepPeriod)
@@ -165,6 +173,7 @@ func (l *spliceLoop) waitTimeout() int {
 		earlier(l.nextSweep)
 	}
 	earlier(l.acceptPausedUntil)
+	earlier(l.headers.nextDeadline())
 	if next.IsZero() {
 		return -1
 	}
@@ -202,6 +211,12 @@ func (l *spliceLoop) dispatch(fd int, events uint32) {
 		_, _ = unix.Read(l.wakefd, b[:])
 		return
 	}
+	if l.headers.waiting(fd) {
+		if origin, ok := l.headers.ready(fd, events); ok {
+			l.startConn(fd, origin)
+		}
+		return
+	}
 	if fd >= len(l.bySocket) || l.bySocket[fd] == nil {
 		return
 	}
@@ -236,7 +251,11 @@ func (l *spliceLoop) acceptRun() {
 		switch {
 		case err == nil:
 			l.accepted.Add(1)
-			l.startConn(fd, client)
+			if l.env.proxyHeaders.from.trusts(client.Addr()) {
+				l.headers.begin(fd, client, time.Now())
+				continue
+			}
+			l.startConn(fd, clientOrigin{client: client})
 		case errors.Is(err, unix.EAGAIN):
 			return
 		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):

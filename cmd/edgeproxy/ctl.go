@@ -156,6 +156,7 @@ func newCtlBackendCommand(s *ctlSession) *cobra.Command {
 	var (
 		app, region, country, addr         string
 		port, weight, softLimit, hardLimit int
+		proxyProtocol                      int
 		healthy                            bool
 	)
 	put := &cobra.Command{
@@ -164,7 +165,8 @@ func newCtlBackendCommand(s *ctlSession) *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			row := map[string]any{"id": args[0], "app": app, "region": region, "country": country, "wg_ip": addr,
-				"port": port, "healthy": healthy, "weight": weight, "soft_limit": softLimit, "hard_limit": hardLimit}
+				"port": port, "healthy": healthy, "weight": weight, "soft_limit": softLimit, "hard_limit": hardLimit,
+				"proxy_protocol": proxyProtocol}
 			b, err := routing.ParseBackendJSON(args[0], mustJSON(row))
 			if err != nil {
 				return fmt.Errorf("backend %s: %w", args[0], err)
@@ -182,6 +184,7 @@ func newCtlBackendCommand(s *ctlSession) *cobra.Command {
 	decimalIntVar(f, &weight, "weight", 1, "weight (0 counts as 1)")
 	decimalIntVar(f, &softLimit, "soft-limit", 0, "connections at which its score doubles (0 counts as 1)")
 	decimalIntVar(f, &hardLimit, "hard-limit", 0, "most connections; 0: no limit")
+	decimalIntVar(f, &proxyProtocol, "proxy-protocol", 0, "PROXY protocol header sent to the backend: 0 none, 1 v1, 2 v2")
 	markRequired(put, "wg-ip", "port")
 
 	list := s.listCommand("backend", func(w io.Writer, snap fleet.Snapshot, asJSON bool) error {
@@ -194,9 +197,9 @@ func newCtlBackendCommand(s *ctlSession) *cobra.Command {
 			return printJSONRows(w, rows)
 		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "BACKEND\tAPP\tREGION\tCOUNTRY\tADDRESS\tHEALTHY\tWEIGHT\tSOFT\tHARD")
+		fmt.Fprintln(tw, "BACKEND\tAPP\tREGION\tCOUNTRY\tADDRESS\tHEALTHY\tWEIGHT\tSOFT\tHARD\tPROXY")
 		for _, b := range bs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\n", b.ID, b.App, b.Region, b.Country, b.AddrPort(), b.Healthy, b.Weight, b.SoftLimit, b.HardLimit)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\t%d\n", b.ID, b.App, b.Region, b.Country, b.AddrPort(), b.Healthy, b.Weight, b.SoftLimit, b.HardLimit, b.ProxyProtocol)
 		}
 		return tw.Flush()
 	})

@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,7 +21,10 @@ type runSetting struct {
 	number func(userspace.Config) int
 	// text reads a text setting back; nil for a number.
 	text func(userspace.Config) string
-	def  string
+	// prefixes reads a list of networks back; it is compared with what
+	// the value parses to, since spaces and host bits are normalised.
+	prefixes func(userspace.Config) []netip.Prefix
+	def      string
 }
 
 func durationIn(unit time.Duration, get func(userspace.Config) time.Duration) func(userspace.Config) int {
@@ -79,6 +83,9 @@ func runSettings() []runSetting {
 		count("EDGEPROXY_MAX_BUFFERED_MB", "max-buffered-mb", 64, func(c userspace.Config) int { return c.MaxBufferedMB }),
 		secsOf("EDGEPROXY_STALL_TIMEOUT_SECS", "stall-timeout-secs", 300, func(c userspace.Config) time.Duration { return c.StallTimeout }),
 		count("EDGEPROXY_WORKERS", "workers", 0, func(c userspace.Config) int { return c.Workers }),
+		{name: "EDGEPROXY_PROXY_PROTOCOL_FROM", flag: "proxy-protocol-from", def: "",
+			prefixes: func(c userspace.Config) []netip.Prefix { return c.ProxyProtocolFrom }},
+		msOf("EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS", "proxy-protocol-timeout-ms", 3000, func(c userspace.Config) time.Duration { return c.ProxyProtocolTimeout }),
 	}
 }
 
@@ -126,6 +133,12 @@ func TestRunSettingsDefaults(t *testing.T) {
 		t.Error("debug on with DEBUG unset")
 	}
 	for _, s := range runSettings() {
+		if s.prefixes != nil {
+			if got := s.prefixes(cfg); len(got) != 0 {
+				t.Errorf("%s: default %v, want none", s.name, got)
+			}
+			continue
+		}
 		if s.text != nil {
 			if got := s.text(cfg); got != s.def {
 				t.Errorf("%s: default %q, want %q", s.name, got, s.def)
@@ -247,6 +260,16 @@ func FuzzRunSettings(f *testing.F) {
 		want := value
 		if !asFlag && value == "" && s.name != "EDGEPROXY_ADMIN_ADDR" {
 			want = s.def
+		}
+		if s.prefixes != nil {
+			wantP, perr := userspace.ParseTrustedUpstreams(want)
+			if perr != nil {
+				t.Fatalf("%s=%q (flag %v): accepted a value that does not parse: %v", s.name, value, asFlag, perr)
+			}
+			if got := s.prefixes(cfg); !slices.Equal(got, wantP) {
+				t.Fatalf("%s=%q (flag %v): resolved to %v, want %v", s.name, value, asFlag, got, wantP)
+			}
+			return
 		}
 		if s.text != nil {
 			if got := s.text(cfg); got != want {

@@ -86,6 +86,7 @@ type runFlags struct {
 	cfg                                               userspace.Config
 	reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs int
 	debug                                             bool
+	proxyProtocolFrom                                 string
 	lim                                               limitSettings
 }
 
@@ -102,6 +103,7 @@ func (r *runFlags) register(f *pflag.FlagSet) {
 	decimalIntVar(f, &r.gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
 	decimalIntVar(f, &r.connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
 	decimalIntVar(f, &r.drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
+	f.StringVar(&r.proxyProtocolFrom, "proxy-protocol-from", "", "comma-separated CIDRs whose connections must start with a PROXY v1/v2 header (EDGEPROXY_PROXY_PROTOCOL_FROM, default none)")
 	f.BoolVar(&r.debug, "debug", false, "debug logging (DEBUG)")
 	r.lim.flags(f)
 }
@@ -111,7 +113,7 @@ func (r *runFlags) register(f *pflag.FlagSet) {
 // unset flag takes the variable, else the contract's default. A value out
 // of range or not a number is an error naming the flag or variable.
 func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Config, debug bool, err error) {
-	cfg, debug, lim := r.cfg, r.debug, r.lim
+	cfg, debug, lim, proxyProtocolFrom := r.cfg, r.debug, r.lim, r.proxyProtocolFrom
 	reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs := r.reloadSecs, r.ttlSecs, r.gcSecs, r.connectMS, r.drainSecs
 	// A flag wins over its variable; an unset flag takes the
 	// variable, else the contract's default.
@@ -153,6 +155,7 @@ func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Conf
 		{"dataplane", "EDGEPROXY_DATAPLANE", "auto", &cfg.Dataplane},
 		{"admin", "EDGEPROXY_ADMIN_ADDR", "127.0.0.1:9090", &cfg.AdminAddr},
 		{"bpf-pin-path", "EDGEPROXY_BPF_PIN_PATH", loader.DefaultPinPath, &cfg.PinPath},
+		{"proxy-protocol-from", "EDGEPROXY_PROXY_PROTOCOL_FROM", "", &proxyProtocolFrom},
 	}
 	for _, s := range strs {
 		if !flags.Changed(s.flag) {
@@ -169,6 +172,12 @@ func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Conf
 		return cfg, false, err
 	}
 	lim.apply(&cfg)
+	if cfg.ProxyProtocolFrom, err = userspace.ParseTrustedUpstreams(proxyProtocolFrom); err != nil {
+		if flags.Changed("proxy-protocol-from") {
+			return cfg, false, fmt.Errorf("--proxy-protocol-from: %w", err)
+		}
+		return cfg, false, fmt.Errorf("EDGEPROXY_PROXY_PROTOCOL_FROM: %w", err)
+	}
 	cfg.DBReload = secs(reloadSecs)
 	cfg.BindingTTL = secs(ttlSecs)
 	cfg.BindingGC = secs(gcSecs)
@@ -228,7 +237,7 @@ type limitSettings struct {
 	healthIntervalSecs, healthTimeoutMS, healthFall, healthRise int
 	connectRetries, clientMaxConns, clientRate, maxConns        int
 	keepaliveSecs, idleTimeoutSecs, maxBufferedMB, stallSecs    int
-	workers                                                     int
+	workers, proxyProtocolTimeoutMS                             int
 }
 
 type intSetting struct {
@@ -261,6 +270,7 @@ func (l *limitSettings) table() []intSetting {
 		{"max-buffered-mb", "EDGEPROXY_MAX_BUFFERED_MB", "MiB all connections may park in kernel queues before directions pause", 64, 1, 1 << 20, &l.maxBufferedMB},
 		{"stall-timeout-secs", "EDGEPROXY_STALL_TIMEOUT_SECS", "reset a direction that made no progress this long; 0 disables", 300, 0, 30 * day, &l.stallSecs},
 		{"workers", "EDGEPROXY_WORKERS", "event loops of the sockmap plane; 0: one per CPU the process may run on", 0, 0, 1024, &l.workers},
+		{"proxy-protocol-timeout-ms", "EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS", "longest wait for a trusted upstream's PROXY header", 3000, 1, 600_000, &l.proxyProtocolTimeoutMS},
 	}
 }
 
@@ -306,6 +316,7 @@ func (l *limitSettings) apply(cfg *userspace.Config) {
 	cfg.MaxBufferedMB = l.maxBufferedMB
 	cfg.StallTimeout = secs(l.stallSecs)
 	cfg.Workers = l.workers
+	cfg.ProxyProtocolTimeout = millis(l.proxyProtocolTimeoutMS)
 }
 
 // day is the ceiling, in seconds, of the settings counted in seconds that

@@ -72,6 +72,10 @@ type backendRow struct {
 	Port                      int
 	Healthy                   bool
 	Weight, Soft, Hard        int
+	// ProxyProtocol is the optional proxy_protocol column (0 none, 1 v1,
+	// 2 v2); the column is added only when a row sets it, so the other
+	// tests keep the contract's eleven-column table.
+	ProxyProtocol int
 }
 
 func writeDB(t testing.TB, path string, rows []backendRow) {
@@ -91,9 +95,18 @@ func writeDB(t testing.TB, path string, rows []backendRow) {
 		t.Fatalf("clear backends: %v", err)
 	}
 	for _, r := range rows {
-		if _, err := db.Exec(`INSERT INTO backends VALUES (?, 'test', ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
+		if _, err := db.Exec(`INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+			VALUES (?, 'test', ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
 			r.ID, r.Region, r.Country, r.Addr, r.Port, r.Healthy, r.Weight, r.Soft, r.Hard); err != nil {
 			t.Fatalf("insert backend %s: %v", r.ID, err)
+		}
+		if r.ProxyProtocol != 0 {
+			if _, err := db.Exec(`ALTER TABLE backends ADD COLUMN proxy_protocol INTEGER DEFAULT 0`); err != nil && !strings.Contains(err.Error(), "duplicate column") {
+				t.Fatalf("add column proxy_protocol: %v", err)
+			}
+			if _, err := db.Exec(`UPDATE backends SET proxy_protocol = ? WHERE id = ?`, r.ProxyProtocol, r.ID); err != nil {
+				t.Fatalf("set proxy_protocol of %s: %v", r.ID, err)
+			}
 		}
 	}
 }
