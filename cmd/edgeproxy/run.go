@@ -269,7 +269,7 @@ func (l *limitSettings) table() []intSetting {
 		{"idle-timeout-secs", "EDGEPROXY_IDLE_TIMEOUT_SECS", "close a connection idle both ways this long; 0 disables", 0, 0, 30 * day, &l.idleTimeoutSecs},
 		{"max-buffered-mb", "EDGEPROXY_MAX_BUFFERED_MB", "MiB all connections may park in kernel queues before directions pause", 64, 1, 1 << 20, &l.maxBufferedMB},
 		{"stall-timeout-secs", "EDGEPROXY_STALL_TIMEOUT_SECS", "reset a direction that made no progress this long; 0 disables", 300, 0, 30 * day, &l.stallSecs},
-		{"workers", "EDGEPROXY_WORKERS", "event loops of the sockmap plane; 0: one per CPU the process may run on", 0, 0, 1024, &l.workers},
+		{"workers", "EDGEPROXY_WORKERS", "event loops of the data plane (sockmap or splice); 0: one per CPU the process may run on", 0, 0, 1024, &l.workers},
 		{"proxy-protocol-timeout-ms", "EDGEPROXY_PROXY_PROTOCOL_TIMEOUT_MS", "longest wait for a trusted upstream's PROXY header", 3000, 1, 600_000, &l.proxyProtocolTimeoutMS},
 	}
 }
