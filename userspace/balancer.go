@@ -90,9 +90,9 @@ func (l *Lease) Attempts() int { return len(l.tried) + 1 }
 // Release frees the lease's slot. Safe to call more than once.
 func (l *Lease) Release() {
 	if l.released.CompareAndSwap(false, true) {
-		active := l.state.active.Add(-1)
+		l.state.active.Add(-1)
 		if l.balancer != nil && l.balancer.Mirror != nil {
-			l.balancer.Mirror.StoreActive(l.state.index, uint32(max(active, 0)))
+			l.balancer.Mirror.ReleaseActive(l.state.index)
 		}
 	}
 }
@@ -300,29 +300,58 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 	in := routing.Input{
 		Client:      c,
 		LocalRegion: b.LocalRegion,
-		Active:      func(i int) int { return int(v.states[i].active.Load()) },
+		Active:      func(i int) int { return int(b.activeOf(v.states[i])) },
 		BoundID:     bound,
 	}
-	winner, sticky, reject := routing.Pick(&in, t)
-	if winner < 0 {
-		b.mu.Unlock()
-		b.countReject(reject)
-		return nil, reject
+	var lease *Lease
+	var sticky bool
+	for range reserveAttempts {
+		var winner int
+		var reject routing.RejectReason
+		winner, sticky, reject = routing.Pick(&in, t)
+		if winner < 0 {
+			b.mu.Unlock()
+			b.countReject(reject)
+			return nil, reject
+		}
+		if lease = b.reserve(v, winner); lease != nil {
+			break
+		}
 	}
-	lease := b.reserve(v, winner)
 	b.mu.Unlock()
+	if lease == nil {
+		b.countReject(routing.RejectAllAtHardLimit)
+		return nil, routing.RejectAllAtHardLimit
+	}
 	lease.Client, lease.Sticky, lease.lastUsed, lease.hadEntry = c, sticky, lastUsed, hadEntry
 	return lease, ""
 }
 
-// reserve takes a slot on the view's backend i. Called with mu held.
+// reserveAttempts bounds how often a decision is taken again after
+// another process took a backend's last slot between the pick and the
+// reservation; each attempt sees that backend fuller.
+const reserveAttempts = 8
+
+// activeOf is the backend's live count the decision uses: over every
+// process sharing the backends map (the two of a hand-over), else this
+// process's own.
+func (b *Balancer) activeOf(st *backendState) int64 {
+	if b.Mirror != nil {
+		return int64(b.Mirror.ActiveOf(st.index))
+	}
+	return st.active.Load()
+}
+
+// reserve takes a slot on the view's backend i, or returns nil when
+// another process sharing the backends map took its last slot since the
+// pick. Called with mu held.
 func (b *Balancer) reserve(v *tableView, i int) *Lease {
 	st := v.states[i]
-	active := st.active.Add(1)
-	st.total.Add(1)
-	if b.Mirror != nil {
-		b.Mirror.StoreActive(st.index, uint32(active))
+	if b.Mirror != nil && !b.Mirror.ReserveActive(st.index, uint32(max(v.table.Backends[i].HardLimit, 0))) {
+		return nil
 	}
+	st.active.Add(1)
+	st.total.Add(1)
 	return &Lease{Backend: v.table.Backends[i], state: st, balancer: b, eligible: b.eff.eligible}
 }
 
@@ -336,27 +365,35 @@ func (b *Balancer) AcquireNext(prev *Lease) (*Lease, routing.RejectReason) {
 	b.mu.Lock()
 	t := b.routingTable()
 	v := b.viewFor(t)
-	d := routing.Explain(routing.Input{
-		Client:      prev.Client,
-		LocalRegion: b.LocalRegion,
-		Active:      func(i int) int { return int(v.states[i].active.Load()) },
-	}, t)
-	best := -1
-	for i := range d.Candidates {
-		c := &d.Candidates[i]
-		if c.Excluded != "" || slices.Contains(tried, t.Backends[c.Index].ID) {
-			continue
+	var lease *Lease
+	for range reserveAttempts {
+		d := routing.Explain(routing.Input{
+			Client:      prev.Client,
+			LocalRegion: b.LocalRegion,
+			Active:      func(i int) int { return int(b.activeOf(v.states[i])) },
+		}, t)
+		best := -1
+		for i := range d.Candidates {
+			c := &d.Candidates[i]
+			if c.Excluded != "" || slices.Contains(tried, t.Backends[c.Index].ID) {
+				continue
+			}
+			if best < 0 || betterCandidate(t, c, &d.Candidates[best]) {
+				best = i
+			}
 		}
-		if best < 0 || betterCandidate(t, c, &d.Candidates[best]) {
-			best = i
+		if best < 0 {
+			break
+		}
+		if lease = b.reserve(v, d.Candidates[best].Index); lease != nil {
+			break
 		}
 	}
-	if best < 0 {
+	if lease == nil {
 		b.mu.Unlock()
 		b.countReject(RejectAllDialsFailed)
 		return nil, RejectAllDialsFailed
 	}
-	lease := b.reserve(v, d.Candidates[best].Index)
 	b.mu.Unlock()
 	lease.Client, lease.tried, lease.hadEntry = prev.Client, tried, prev.hadEntry
 	return lease, ""
@@ -436,8 +473,8 @@ func (b *Balancer) Refresh() error {
 		if b.Mirror != nil {
 			b.Mirror.ClearBackend(st.index)
 		}
-		if st.active.Load() > 0 {
-			continue // its connections still count bytes into the slot
+		if b.activeOf(st) > 0 || st.active.Load() > 0 {
+			continue // its connections (or a predecessor's) still count into the slot
 		}
 		if r, ok := b.Mirror.(interface{ ResetBackendBytes(uint32) error }); ok {
 			if err := r.ResetBackendBytes(st.index); err != nil {
@@ -460,7 +497,6 @@ func (b *Balancer) Refresh() error {
 		}); err != nil {
 			errs = append(errs, err)
 		}
-		b.Mirror.StoreActive(st.index, uint32(max(st.active.Load(), 0)))
 	}
 	return errors.Join(errs...)
 }
@@ -593,7 +629,43 @@ func (a *memoryAffinity) Sweep(keep func(string, time.Time) bool) (remaining, re
 type BackendMirror interface {
 	SetBackend(index uint32, b loader.BackendInfo) error
 	ClearBackend(index uint32)
-	StoreActive(index uint32, active uint32)
+	// ActiveOf, ReserveActive and ReleaseActive keep the live counts that
+	// hard limits act on, shared by both processes of a hand-over.
+	ActiveOf(index uint32) uint32
+	ReserveActive(index uint32, hardLimit uint32) bool
+	ReleaseActive(index uint32)
+}
+
+// AdoptSlots takes over the backend slots a predecessor used (from the
+// shared backends map), so both processes count a backend into the same
+// slot: ids keep their slot, and slots still counting a removed backend's
+// connections are never handed out. Call it before the first decision.
+func (b *Balancer) AdoptSlots(byID map[string]uint32, busy []uint32) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.byID == nil {
+		b.byID = map[string]*backendState{}
+	}
+	used := map[uint32]bool{}
+	for _, i := range busy {
+		used[i] = true
+	}
+	for id, i := range byID {
+		st := &backendState{id: id, index: i}
+		st.health.since = b.Now()
+		b.byID[id] = st
+		used[i] = true
+	}
+	b.view = nil
+	for i := range used {
+		b.nextSlot = max(b.nextSlot, i+1)
+	}
+	b.freeSlots = b.freeSlots[:0]
+	for i := b.nextSlot; i > 0; i-- {
+		if !used[i-1] {
+			b.freeSlots = append(b.freeSlots, i-1)
+		}
+	}
 }
 
 // ScoreOf recomputes the winning score of a lease for debug logs; it costs

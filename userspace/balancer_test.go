@@ -57,10 +57,28 @@ func (m *recordingMirror) ClearBackend(i uint32) {
 	m.cleared = append(m.cleared, i)
 }
 
-func (m *recordingMirror) StoreActive(i, n uint32) {
+func (m *recordingMirror) ActiveOf(i uint32) uint32 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.active[i] = n
+	return m.active[i]
+}
+
+func (m *recordingMirror) ReserveActive(i, hard uint32) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if hard > 0 && m.active[i] >= hard {
+		return false
+	}
+	m.active[i]++
+	return true
+}
+
+func (m *recordingMirror) ReleaseActive(i uint32) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.active[i] > 0 {
+		m.active[i]--
+	}
 }
 
 func (m *recordingMirror) ResetBackendBytes(i uint32) error {
