@@ -114,7 +114,7 @@ func Open(pinPath string) (*Sockmap, error) {
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		lock.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("lock pin path %s: %w (stop it, or set EDGEPROXY_BPF_PIN_PATH)", pinPath, ErrAlreadyLoaded)
+			return nil, fmt.Errorf("lock pin path %s: %w (another edgeproxy holds it: stop it, replace it with edgeproxy upgrade, or set EDGEPROXY_BPF_PIN_PATH)", pinPath, ErrAlreadyLoaded)
 		}
 		return nil, fmt.Errorf("lock pin path %s: %w", pinPath, err)
 	}
@@ -337,11 +337,14 @@ func (s *Sockmap) closeObjects() {
 // splice until they close.
 func (s *Sockmap) Close() error {
 	var errs []error
-	for name, m := range s.objs.perRunMaps() {
+	// By path, not Map.Unpin: a map taken over from a predecessor's pin
+	// does not know its pin path.
+	for name := range s.objs.perRunMaps() {
 		if !s.pinsOwned.Load() {
 			break // the successor's pins, or the predecessor's (an aborted hand-over)
 		}
-		if err := m.Unpin(); err != nil {
+		path := filepath.Join(s.PinPath, name)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
 		}
 	}

@@ -118,6 +118,7 @@ type Balancer struct {
 	freeSlots []uint32       // BPF slots of backends gone and idle, guarded by mu
 	nextSlot  uint32         // guarded by mu
 
+	handedOver     atomic.Bool  // a successor owns the shared backend table
 	bindings       atomic.Int64 // bindings held: counted at each sweep, plus new ones since
 	newBindings    atomic.Int64 // entries ever added: a sweep whose walk saw none added is exact
 	affinityErrors atomic.Uint64
@@ -460,6 +461,9 @@ func (b *Balancer) Bindings() int {
 // to the BPF backends map, so bpftool shows a reload at once. Backends
 // gone from the table with no connection left give their slot back.
 func (b *Balancer) Refresh() error {
+	if b.handedOver.Load() {
+		return nil // the successor keeps the shared table now
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	t := b.routingTable()
@@ -687,3 +691,31 @@ func (b *Balancer) ScoreOf(l *Lease) float64 {
 	}
 	return -1
 }
+
+// addTotals continues a predecessor's counters (a hand-over): each backend
+// this process knows adds the totals the old process reported for it.
+func (b *Balancer) addTotals(t *handoverTotals) {
+	b.mu.Lock()
+	for id, bt := range t.Backends {
+		st, ok := b.byID[id]
+		if !ok {
+			continue // gone from the table: its series ends here
+		}
+		st.total.Add(bt.Total)
+		st.connectErrs.Add(bt.ConnectErrs)
+		st.bytesIn.Add(bt.BytesIn)
+		st.bytesOut.Add(bt.BytesOut)
+		st.retries.Add(bt.Retries)
+		st.health.checksOK.Add(bt.ChecksOK)
+		st.health.checksFail.Add(bt.ChecksFailed)
+	}
+	b.mu.Unlock()
+	for reason, n := range t.Rejected {
+		c, _ := b.rejected.LoadOrStore(routing.RejectReason(reason), new(atomic.Uint64))
+		c.(*atomic.Uint64).Add(n)
+	}
+}
+
+// HandedOver stops the balancer writing the backend table it shares with
+// a successor (which now keeps it); releases still count down.
+func (b *Balancer) HandedOver() { b.handedOver.Store(true) }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -57,6 +58,15 @@ type Config struct {
 	Collectors []prometheus.Collector
 	// Etcd, if set, reports the etcd follower for /status.
 	Etcd func() EtcdStatus
+	// Handover, if set, holds the sockets a running edgeproxy handed to
+	// this process (`edgeproxy upgrade`): New serves on them instead of
+	// binding, and Run commits the hand-over once it serves.
+	Handover *Handover
+	// OnServing, if set, is called once Run serves (and, in a hand-over,
+	// the predecessor stopped accepting), with the predecessor's pid or 0;
+	// or with the error of a hand-over that could not be committed (this
+	// process then drains what it accepted and the old one serves on).
+	OnServing func(predecessor int, err error)
 }
 
 // Proxy is a configured, listening edgeproxy.
@@ -80,7 +90,20 @@ type Proxy struct {
 	applying        sync.Mutex
 	collectorErrors prometheus.Counter
 	extraCollectors []prometheus.Collector
+
+	maps    *loader.Sockmap   // nil: no BPF state
+	control *net.UnixListener // hand-over requests from a successor
+	// handoverFiles duplicate the sockets a successor takes over; closed
+	// once handed over.
+	handoverMu    sync.Mutex
+	handoverFiles handoverFiles
+	handingOver   atomic.Bool
+	handoverReq   chan handoverStep
+	accepting     atomic.Bool
 }
+
+// draining says this process no longer accepts.
+func (p *Proxy) draining() bool { return !p.accepting.Load() }
 
 // New opens the routing database and geo database, picks the data plane and
 // binds the listen address. Every failure names its cause.
@@ -108,21 +131,10 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		Health: cfg.Health, Log: log}
 
 	p.reloads.record(nil)
-	if cfg.AdminAddr != "" {
-		aln, err := net.Listen("tcp", cfg.AdminAddr)
-		if err != nil {
-			return nil, fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
-		}
-		p.adminLn = aln
+	p.handoverReq = make(chan handoverStep)
+	if err := p.listen(); err != nil {
+		return nil, err
 	}
-	ln, err := net.Listen("tcp", cfg.ListenAddr)
-	if err != nil {
-		if p.adminLn != nil {
-			p.adminLn.Close()
-		}
-		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
-	}
-	p.ln = ln.(*net.TCPListener)
 	// Keepalive is set on the listener before anything is accepted: the
 	// sockmap plane's clients inherit it from there, also those that
 	// connect the instant the proxy says it serves.
@@ -144,9 +156,13 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		log: log, warn: newThrottledLog(log, 10*time.Second), onClose: p.onClose,
 	}
 	if err := p.choosePlane(env); err != nil {
-		p.ln.Close()
-		if p.adminLn != nil {
-			p.adminLn.Close()
+		p.closeListeners()
+		return nil, err
+	}
+	if err := p.keepForHandover(); err != nil {
+		p.closeListeners()
+		if p.closePlane != nil {
+			p.closePlane()
 		}
 		return nil, err
 	}
@@ -167,6 +183,105 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		p.admin = p.newAdminServer()
 	}
 	return p, nil
+}
+
+// listen binds the listening, admin and control sockets, or takes them
+// from the hand-over. Taken over, they are the very sockets the running
+// process accepts on: its accept queue is shared, nothing is rebound.
+func (p *Proxy) listen() error {
+	cfg := p.cfg
+	if h := cfg.Handover; h != nil {
+		p.ln, p.control = h.Listener, h.Control
+		switch {
+		case h.Admin != nil && cfg.AdminAddr == "":
+			h.Admin.Close() // admin HTTP turned off by this configuration
+		case h.Admin != nil:
+			p.adminLn = h.Admin
+		case cfg.AdminAddr != "":
+			aln, err := net.Listen("tcp", cfg.AdminAddr)
+			if err != nil {
+				return fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
+			}
+			p.adminLn = aln
+		}
+		return nil
+	}
+	if cfg.AdminAddr != "" {
+		aln, err := net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			return fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
+		}
+		p.adminLn = aln
+	}
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		p.closeListeners()
+		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
+	}
+	p.ln = ln.(*net.TCPListener)
+	if p.control, err = listenControl(cfg.ListenAddr); err != nil {
+		p.closeListeners()
+		return err
+	}
+	return nil
+}
+
+func (p *Proxy) closeListeners() {
+	if p.ln != nil {
+		p.ln.Close()
+	}
+	if p.adminLn != nil {
+		p.adminLn.Close()
+	}
+	if p.control != nil {
+		p.control.Close()
+	}
+	if h := p.cfg.Handover; h != nil && h.Lock != nil && p.maps == nil {
+		h.Lock.Close()
+	}
+}
+
+// keepForHandover duplicates what a successor will take over.
+func (p *Proxy) keepForHandover() error {
+	add := func(name string, ln net.Listener) error {
+		f, err := listenerFile(ln)
+		if err != nil {
+			return fmt.Errorf("keep the %s socket for a hand-over: %w", name, err)
+		}
+		p.handoverFiles.add(name, f)
+		return nil
+	}
+	if err := add("listener", p.ln); err != nil {
+		return err
+	}
+	if p.adminLn != nil {
+		if err := add("admin", p.adminLn); err != nil {
+			p.handoverFiles.close()
+			return err
+		}
+	}
+	if err := add("control", p.control); err != nil {
+		p.handoverFiles.close()
+		return err
+	}
+	if p.maps != nil {
+		lock, err := dupFile(p.maps.LockFile())
+		if err != nil {
+			p.handoverFiles.close()
+			return fmt.Errorf("keep the pin lock for a hand-over: %w", err)
+		}
+		p.handoverFiles.add("lock", lock)
+	}
+	return nil
+}
+
+func dupFile(f *os.File) (*os.File, error) {
+	fd, err := syscall.Dup(int(f.Fd()))
+	if err != nil {
+		return nil, err
+	}
+	syscall.CloseOnExec(fd)
+	return os.NewFile(uintptr(fd), f.Name()), nil
 }
 
 // SelfCheck reports whether a backend address is this proxy's own
@@ -255,13 +370,28 @@ func openFiles() int {
 // choosePlane loads the BPF state where BPF is usable (it also holds the
 // backends and affinity maps operators inspect) and picks the data plane.
 func (p *Proxy) choosePlane(env planeEnv) error {
-	maps, err := loader.Open(p.cfg.PinPath)
-	if err != nil && (p.cfg.Dataplane == "sockmap" || errors.Is(err, loader.ErrAlreadyLoaded)) {
-		return fmt.Errorf("data plane sockmap: %w", err)
+	var maps *loader.Sockmap
+	var err error
+	if h := p.cfg.Handover; h != nil && h.Lock != nil {
+		// The running process holds BPF state: share it or refuse the
+		// hand-over, never fall back to a plane with counts of its own.
+		if maps, err = loader.OpenHandedOver(p.cfg.PinPath, h.Lock); err != nil {
+			return fmt.Errorf("take over the BPF state of pid %d: %w", h.PredecessorPID, err)
+		}
+		h.Lock = nil // the loader owns it now
+	} else {
+		maps, err = loader.Open(p.cfg.PinPath)
+		if err != nil && (p.cfg.Dataplane == "sockmap" || errors.Is(err, loader.ErrAlreadyLoaded)) {
+			return fmt.Errorf("data plane sockmap: %w", err)
+		}
 	}
 	if maps != nil {
+		p.maps = maps
 		p.closePlane = maps.Close
 		p.balancer.Affinity, p.balancer.Mirror = maps.Affinity(), maps
+		if p.cfg.Handover != nil {
+			p.balancer.AdoptSlots(maps.BackendSlots())
+		}
 	} else {
 		p.balancer.Affinity = newMemoryAffinity()
 	}
@@ -335,19 +465,69 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	if p.balancer.Affinity != nil {
 		go every(stop, p.cfg.BindingGC, p.sweepBindings)
 	}
-	if p.admin != nil {
-		go p.serveAdmin()
-	}
-
+	p.accepting.Store(true)
 	served := make(chan error, 1)
 	go func() { served <- p.plane.Serve(accept, stop, p.ln) }()
 	var drainTimer <-chan time.Time
+	if h := p.cfg.Handover; h != nil {
+		// Serving on the shared sockets already: now the old process may
+		// stop accepting. Its counters arrive once it has.
+		totals, cerr := h.Commit()
+		if cerr != nil {
+			// The old one may still accept: two servers would each think
+			// they own the pins. Drain this one; the old keeps serving.
+			p.log.Error("hand-over not committed, draining this process", "predecessor", h.PredecessorPID, "err", cerr)
+			p.accepting.Store(false)
+			stopAccepting()
+			drainTimer = time.After(p.cfg.Drain)
+			p.closeHandoverFiles()
+			p.control.Close()
+			if p.cfg.OnServing != nil {
+				p.cfg.OnServing(h.PredecessorPID, cerr)
+			}
+		} else {
+			p.continueTotals(totals)
+			if p.maps != nil {
+				if err := p.maps.PinConnectionMaps(); err != nil {
+					p.log.Warn("cannot pin the connection maps", "err", err)
+				}
+			}
+			p.log.Info("took over from the previous process", "predecessor", h.PredecessorPID)
+		}
+	}
+	if p.admin != nil && drainTimer == nil {
+		go p.serveAdmin()
+	}
+	if drainTimer == nil {
+		go p.serveControl()
+		state := "READY=1"
+		predecessor := 0
+		if p.cfg.Handover != nil {
+			predecessor = p.cfg.Handover.PredecessorPID
+			state = fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid())
+		}
+		if err := sdNotify(state); err != nil {
+			p.log.Warn("cannot notify systemd", "err", err)
+		}
+		if p.cfg.OnServing != nil {
+			p.cfg.OnServing(predecessor, nil)
+		}
+	}
 	var err error
 loop:
 	for {
 		select {
 		case err = <-served:
 			break loop
+		case step := <-p.handoverReq:
+			if accept.Err() == nil {
+				p.log.Info("handed over: draining, no new connections here", "successor", step.successor,
+					"active", p.plane.Stats().Active, "drain", p.cfg.Drain)
+				p.handOver()
+				stopAccepting()
+				drainTimer = time.After(p.cfg.Drain)
+			}
+			close(step.done)
 		case <-drainTimer:
 			p.log.Warn("drain time over, closing the remaining connections", "active", p.plane.Stats().Active)
 			stopAll()
@@ -355,9 +535,16 @@ loop:
 			switch {
 			case sig == syscall.SIGHUP:
 				p.reloadNow()
+			case p.handingOver.Load() && accept.Err() == nil:
+				// The successor may be committing: stopping now could
+				// leave nobody accepting. A hand-over is a stop anyway.
+				p.log.Info("stop signal during a hand-over: the new process will take over", "signal", sig.String())
 			case accept.Err() == nil:
 				p.log.Info("draining: no new connections, waiting for established ones",
 					"signal", sig.String(), "active", p.plane.Stats().Active, "drain", p.cfg.Drain)
+				p.accepting.Store(false)
+				p.closeHandoverFiles()
+				p.control.Close()
 				stopAccepting()
 				drainTimer = time.After(p.cfg.Drain)
 			default:
@@ -366,8 +553,11 @@ loop:
 			}
 		}
 	}
+	p.accepting.Store(false)
 	stopAccepting()
 	stopAll()
+	p.closeHandoverFiles()
+	p.control.Close()
 	if p.admin != nil {
 		p.admin.Close()
 	}
@@ -378,6 +568,29 @@ loop:
 	}
 	p.log.Info("edgeproxy stopped")
 	return err
+}
+
+// handOver stops this process's part in serving new clients once a
+// successor serves: no more admin HTTP or control requests here (the
+// successor answers on the same sockets), no writes to the shared backend
+// table, the pins left to the successor. Established connections go on.
+func (p *Proxy) handOver() {
+	p.accepting.Store(false)
+	if p.maps != nil {
+		p.maps.HandedOver()
+	}
+	p.balancer.HandedOver()
+	if p.admin != nil {
+		p.admin.Close()
+	}
+	p.control.Close()
+	p.closeHandoverFiles()
+}
+
+func (p *Proxy) closeHandoverFiles() {
+	p.handoverMu.Lock()
+	defer p.handoverMu.Unlock()
+	p.handoverFiles.close()
 }
 
 // reloadNow applies the routing and geo databases as they are on disk.

@@ -22,8 +22,9 @@ func newRunCommand(e env) *cobra.Command {
 		Use:   "run",
 		Short: "Serve: accept clients, route them, splice them to backends",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) (runErr error) {
 			var err error
+			served := false
 			flags := cmd.Flags()
 			// A flag wins over its variable; an unset flag takes the
 			// variable, else the contract's default.
@@ -84,6 +85,17 @@ func newRunCommand(e env) *cobra.Command {
 				return err
 			}
 			lim.apply(&cfg)
+			report, err := openUpgradeReport(e)
+			if err != nil {
+				return err
+			}
+			// Until it serves, a process started by `edgeproxy upgrade`
+			// reports why it stopped; the old process keeps serving.
+			defer func() {
+				if report != nil && !served {
+					report.failed(runErr)
+				}
+			}()
 			cfg.DBReload = secs(reloadSecs)
 			cfg.BindingTTL = secs(ttlSecs)
 			cfg.BindingGC = secs(gcSecs)
@@ -123,8 +135,24 @@ func newRunCommand(e env) *cobra.Command {
 			if ov.Collector != nil {
 				cfg.Collectors = append(cfg.Collectors, ov.Collector)
 			}
+			if err := takeOver(report, &cfg); err != nil {
+				return err
+			}
+			if report != nil {
+				cfg.OnServing = func(predecessor int, err error) {
+					served = true
+					if err != nil {
+						report.failed(fmt.Errorf("hand-over not committed: %w", err))
+						return
+					}
+					report.ready(predecessor)
+				}
+			}
 			proxy, err := userspace.New(cfg, log)
 			if err != nil {
+				if cfg.Handover != nil {
+					cfg.Handover.Abort(err)
+				}
 				return err
 			}
 			fl.Follow(proxy.ReloadRouting)
