@@ -66,6 +66,7 @@ type backendTotals struct {
 // Handover is what a new process received from the running one.
 type Handover struct {
 	conn *net.UnixConn
+	dec  *json.Decoder
 	// PredecessorPID is the running process handing over.
 	PredecessorPID int
 	Listener       *net.TCPListener
@@ -209,19 +210,60 @@ func (h *Handover) Abort(cause error) {
 // Commit tells the running process that this one serves; it stops
 // accepting, starts its drain and answers with its counters.
 func (h *Handover) Commit() (*handoverTotals, error) {
-	defer h.conn.Close()
 	_ = h.conn.SetDeadline(time.Now().Add(handoverWait))
 	if err := json.NewEncoder(h.conn).Encode(handoverMsg{Op: "ready"}); err != nil {
+		h.conn.Close()
 		return nil, fmt.Errorf("tell pid %d this process serves: %w", h.PredecessorPID, err)
 	}
+	h.dec = json.NewDecoder(h.conn)
 	var answer handoverMsg
-	if err := json.NewDecoder(h.conn).Decode(&answer); err != nil {
+	if err := h.dec.Decode(&answer); err != nil {
+		h.conn.Close()
 		return nil, fmt.Errorf("wait for pid %d to stop accepting: %w", h.PredecessorPID, err)
 	}
 	if answer.Error != "" {
+		h.conn.Close()
 		return nil, fmt.Errorf("pid %d: %s", h.PredecessorPID, answer.Error)
 	}
 	return answer.Totals, nil
+}
+
+// finalTotals waits for the predecessor to end and returns its counters
+// as they were then, or nil if it ended without sending them (killed).
+func (h *Handover) finalTotals() *handoverTotals {
+	defer h.conn.Close()
+	_ = h.conn.SetDeadline(time.Time{})
+	var final handoverMsg
+	if err := h.dec.Decode(&final); err != nil || final.Op != "final" {
+		return nil
+	}
+	return final.Totals
+}
+
+// since is what t counted beyond base: the counters a predecessor added
+// while it drained. Reloads are left out: the successor counts its own
+// reloads of the same file.
+func (t *handoverTotals) since(base *handoverTotals) *handoverTotals {
+	d := &handoverTotals{Backends: map[string]backendTotals{}, Rejected: map[string]uint64{}}
+	sub := func(a, b uint64) uint64 {
+		if a < b {
+			return 0
+		}
+		return a - b
+	}
+	for id, now := range t.Backends {
+		was := base.Backends[id]
+		d.Backends[id] = backendTotals{
+			Total: sub(now.Total, was.Total), ConnectErrs: sub(now.ConnectErrs, was.ConnectErrs),
+			BytesIn: sub(now.BytesIn, was.BytesIn), BytesOut: sub(now.BytesOut, was.BytesOut),
+			Retries: sub(now.Retries, was.Retries), ChecksOK: sub(now.ChecksOK, was.ChecksOK),
+			ChecksFailed: sub(now.ChecksFailed, was.ChecksFailed),
+		}
+	}
+	for reason, n := range t.Rejected {
+		d.Rejected[reason] = sub(n, base.Rejected[reason])
+	}
+	return d
 }
 
 // listenControl binds the control socket of a process that starts fresh.
@@ -307,7 +349,11 @@ func (p *Proxy) serveControl() {
 }
 
 func (p *Proxy) handleControl(c *net.UnixConn) {
-	defer c.Close()
+	defer func() {
+		if c != nil {
+			c.Close()
+		}
+	}()
 	refuse := func(format string, args ...any) {
 		_ = json.NewEncoder(c).Encode(handoverMsg{Error: fmt.Sprintf(format, args...)})
 	}
@@ -345,7 +391,12 @@ func (p *Proxy) handleControl(c *net.UnixConn) {
 	p.log.Info("handing over to a new process", "pid", req.PID)
 	fds := make([]int, len(files))
 	for i, f := range files {
-		fds[i] = int(f.Fd())
+		fd, err := rawFD(f)
+		if err != nil {
+			p.log.Warn("hand-over failed, still serving", "pid", req.PID, "err", err)
+			return
+		}
+		fds[i] = fd
 	}
 	hello, _ := json.Marshal(handoverMsg{PID: os.Getpid(), Files: names})
 	if _, _, err := c.WriteMsgUnix(hello, unix.UnixRights(fds...), nil); err != nil {
@@ -370,7 +421,50 @@ func (p *Proxy) handleControl(c *net.UnixConn) {
 		// The run loop is gone (stopping): nothing accepts here anyway.
 	}
 	totals := p.totals()
-	_ = json.NewEncoder(c).Encode(handoverMsg{Totals: &totals})
+	if err := json.NewEncoder(c).Encode(handoverMsg{Totals: &totals}); err != nil {
+		return
+	}
+	// What this process still counts while it drains (connections it
+	// accepted in the instant before it stopped, bytes the splice plane
+	// counts at close) goes to the successor when this process ends.
+	_ = c.SetDeadline(time.Time{})
+	p.handoverMu.Lock()
+	p.successor = c
+	p.handoverMu.Unlock()
+	c = nil // kept open: sendFinalTotals closes it
+}
+
+// sendFinalTotals gives the successor this process's counters as they are
+// at its end; it adds what changed since the hand-over.
+func (p *Proxy) sendFinalTotals() {
+	p.handoverMu.Lock()
+	c := p.successor
+	p.successor = nil
+	p.handoverMu.Unlock()
+	if c == nil {
+		return
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	totals := p.totals()
+	_ = json.NewEncoder(c).Encode(handoverMsg{Op: "final", Totals: &totals})
+}
+
+// rawFD is f's descriptor number. Not f.Fd(): that puts the descriptor in
+// blocking mode, and O_NONBLOCK belongs to the open file description, which
+// every process holding the socket shares. A listening socket turned
+// blocking makes an event loop's accept4 wait for the next client, here
+// and in the successor, while the other process takes them all.
+func rawFD(f *os.File) (int, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("descriptor of %s: %w", f.Name(), err)
+	}
+	var fd int
+	if err := raw.Control(func(s uintptr) { fd = int(s) }); err != nil {
+		return -1, fmt.Errorf("descriptor of %s: %w", f.Name(), err)
+	}
+	return fd, nil
 }
 
 // handoverStep asks the run loop to stop accepting for a successor.

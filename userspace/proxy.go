@@ -100,6 +100,7 @@ type Proxy struct {
 	handingOver   atomic.Bool
 	handoverReq   chan handoverStep
 	accepting     atomic.Bool
+	successor     *net.UnixConn // to send the final counters on, guarded by handoverMu
 }
 
 // draining says this process no longer accepts.
@@ -276,7 +277,11 @@ func (p *Proxy) keepForHandover() error {
 }
 
 func dupFile(f *os.File) (*os.File, error) {
-	fd, err := syscall.Dup(int(f.Fd()))
+	orig, err := rawFD(f)
+	if err != nil {
+		return nil, err
+	}
+	fd, err := syscall.Dup(orig)
 	if err != nil {
 		return nil, err
 	}
@@ -487,6 +492,13 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 			}
 		} else {
 			p.continueTotals(totals)
+			if totals != nil {
+				go func() {
+					if final := h.finalTotals(); final != nil {
+						p.continueTotals(final.since(totals))
+					}
+				}()
+			}
 			if p.maps != nil {
 				if err := p.maps.PinConnectionMaps(); err != nil {
 					p.log.Warn("cannot pin the connection maps", "err", err)
@@ -566,6 +578,7 @@ loop:
 			err = errors.Join(err, fmt.Errorf("release data plane: %w", cerr))
 		}
 	}
+	p.sendFinalTotals()
 	p.log.Info("edgeproxy stopped")
 	return err
 }
