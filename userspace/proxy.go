@@ -526,16 +526,19 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 		}
 	}
 	var err error
+	stopSignalled := false
 loop:
 	for {
 		select {
 		case err = <-served:
 			break loop
 		case step := <-p.handoverReq:
-			if accept.Err() == nil {
+			// Even when a stop signal began the drain already: the pins
+			// are the successor's from now on.
+			p.handOver()
+			if drainTimer == nil {
 				p.log.Info("handed over: draining, no new connections here", "successor", step.successor,
 					"active", p.plane.Stats().Active, "drain", p.cfg.Drain)
-				p.handOver()
 				stopAccepting()
 				drainTimer = time.After(p.cfg.Drain)
 			}
@@ -547,18 +550,20 @@ loop:
 			switch {
 			case sig == syscall.SIGHUP:
 				p.reloadNow()
-			case p.handingOver.Load() && accept.Err() == nil:
-				// The successor may be committing: stopping now could
-				// leave nobody accepting. A hand-over is a stop anyway.
-				p.log.Info("stop signal during a hand-over: the new process will take over", "signal", sig.String())
-			case accept.Err() == nil:
+			case !stopSignalled:
+				// The first stop signal drains, also in a process that is
+				// draining after a hand-over already (`systemctl stop`
+				// signals every process of the unit): its drain goes on.
+				stopSignalled = true
 				p.log.Info("draining: no new connections, waiting for established ones",
 					"signal", sig.String(), "active", p.plane.Stats().Active, "drain", p.cfg.Drain)
 				p.accepting.Store(false)
 				p.closeHandoverFiles()
 				p.control.Close()
 				stopAccepting()
-				drainTimer = time.After(p.cfg.Drain)
+				if drainTimer == nil {
+					drainTimer = time.After(p.cfg.Drain)
+				}
 			default:
 				p.log.Warn("second stop signal, closing the remaining connections", "signal", sig.String(), "active", p.plane.Stats().Active)
 				stopAll()

@@ -42,12 +42,13 @@ var upgradedPID = regexp.MustCompile(`upgraded: pid (\d+) serves, pid (\d+) drai
 // goes to its own buffer from its first line.
 func upgrade(t *testing.T, ns *nettest.NS, old *proxyProc, extraEnv ...string) (*proxyProc, string, error) {
 	t.Helper()
+	// No t.Fatal here: TestConcurrentUpgrades calls this from goroutines.
 	if err := adoptOrphans(); err != nil {
-		t.Fatalf("become child subreaper: %v", err)
+		return nil, "", fmt.Errorf("become child subreaper: %w", err)
 	}
 	logR, logW, err := os.Pipe()
 	if err != nil {
-		t.Fatal(err)
+		return nil, "", err
 	}
 	cmd := ns.Command(binary, "upgrade")
 	cmd.Env = append(append([]string{}, old.cmd.Env...), extraEnv...)
@@ -84,7 +85,7 @@ func upgrade(t *testing.T, ns *nettest.NS, old *proxyProc, extraEnv ...string) (
 	pid, _ := strconv.Atoi(m[1])
 	proc, err := os.FindProcess(pid)
 	if err != nil {
-		t.Fatalf("find new server pid %d: %v", pid, err)
+		return nil, out, fmt.Errorf("find new server pid %d: %w", pid, err)
 	}
 	next.cmd = &exec.Cmd{Process: proc, Env: cmd.Env}
 	go func() {
@@ -544,4 +545,64 @@ func dumpStacks(t *testing.T, p *proxyProc) {
 	}
 	_ = p.cmd.Process.Signal(syscall.SIGQUIT)
 	time.Sleep(500 * time.Millisecond)
+}
+
+// Two upgrades at once: the serving process hands over to one; the other
+// is refused while that hand-over runs ("already in progress") or, if it
+// asks after, takes over from the winner. Never two serving processes
+// that each think they own the pins, never a refused client.
+func TestConcurrentUpgrades(t *testing.T) {
+	nettest.RequireRoot(t)
+	topo := nettest.NewTopology(t)
+	nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", nettest.Greeter("b1"))
+	old := startProxy(t, topo.Proxy, "sockmap", []backendRow{backendAt("b1", 9000)},
+		"EDGEPROXY_DRAIN_SECS=2", "EDGEPROXY_HEALTH_INTERVAL_SECS=0")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	counts, wait := runLoad(ctx, topo.Client, 2, 20000, "b1")
+	type result struct {
+		next *proxyProc
+		out  string
+		err  error
+	}
+	results := make(chan result, 2)
+	for range 2 {
+		go func() {
+			next, out, err := upgrade(t, topo.Proxy, old)
+			results <- result{next, out, err}
+		}()
+	}
+	var served []*proxyProc
+	for range 2 {
+		r := <-results
+		switch {
+		case r.err == nil:
+			served = append(served, r.next)
+		case !strings.Contains(r.out, "already in progress") && !strings.Contains(r.out, "draining, not serving"):
+			t.Errorf("concurrent upgrade failed for another reason than the other one running:\n%s", r.out)
+		default:
+			t.Logf("concurrent upgrade refused: %s", strings.TrimSpace(r.out[strings.LastIndex(r.out, "Error: upgrade"):]))
+		}
+	}
+	if len(served) == 0 {
+		t.Fatal("neither of two concurrent upgrades took over")
+	}
+	time.Sleep(500 * time.Millisecond)
+	cancel()
+	wait()
+	if counts.failures() != 0 {
+		t.Errorf("clients during two concurrent upgrades: %s", counts)
+	}
+	waitGone(t, old, 4*time.Second)
+	if len(served) == 2 {
+		// Sequential after all: the first winner handed over to the second.
+		first, second := served[0], served[1]
+		if strings.Contains(second.logs.String(), fmt.Sprintf("successor=%d", first.pid())) {
+			first, second = second, first
+		}
+		waitGone(t, first, 4*time.Second)
+		served = []*proxyProc{second}
+	}
+	nettest.MustReach(t, topo.Client, proxyAddr, "b1")
+	served[0].waitNoEntries(t)
 }
