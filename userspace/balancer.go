@@ -91,8 +91,14 @@ func (l *Lease) Attempts() int { return len(l.tried) + 1 }
 func (l *Lease) Release() {
 	if l.released.CompareAndSwap(false, true) {
 		l.state.active.Add(-1)
-		if l.balancer != nil && l.balancer.Mirror != nil {
-			l.balancer.Mirror.ReleaseActive(l.state.index)
+		if b := l.balancer; b != nil && b.Mirror != nil {
+			b.Mirror.ReleaseActive(l.state.index)
+			if b.handedOver.Load() {
+				select { // the successor hears of it (reportActive)
+				case b.released <- struct{}{}:
+				default:
+				}
+			}
 		}
 	}
 }
@@ -118,9 +124,10 @@ type Balancer struct {
 	freeSlots []uint32       // BPF slots of backends gone and idle, guarded by mu
 	nextSlot  uint32         // guarded by mu
 
-	handedOver     atomic.Bool  // a successor owns the shared backend table
-	bindings       atomic.Int64 // bindings held: counted at each sweep, plus new ones since
-	newBindings    atomic.Int64 // entries ever added: a sweep whose walk saw none added is exact
+	handedOver     atomic.Bool   // a successor owns the shared backend table
+	released       chan struct{} // set before handedOver: a release since the last report
+	bindings       atomic.Int64  // bindings held: counted at each sweep, plus new ones since
+	newBindings    atomic.Int64  // entries ever added: a sweep whose walk saw none added is exact
 	affinityErrors atomic.Uint64
 
 	mu       sync.Mutex // serializes decide+reserve so hard limits hold
@@ -717,5 +724,32 @@ func (b *Balancer) addTotals(t *handoverTotals) {
 }
 
 // HandedOver stops the balancer writing the backend table it shares with
-// a successor (which now keeps it); releases still count down.
-func (b *Balancer) HandedOver() { b.handedOver.Store(true) }
+// a successor (which now keeps it); releases still count down, and each
+// is signalled on released from now on.
+func (b *Balancer) HandedOver() {
+	b.released = make(chan struct{}, 1)
+	b.handedOver.Store(true)
+}
+
+// releaseShared takes a dead predecessor's connections out of the shared
+// live counts: n per backend id, in the slot both processes use. It
+// returns how many it took out.
+func (b *Balancer) releaseShared(active map[string]int64) int64 {
+	if b.Mirror == nil {
+		return 0
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var total int64
+	for id, n := range active {
+		st, ok := b.byID[id]
+		if !ok {
+			continue
+		}
+		for range n {
+			b.Mirror.ReleaseActive(st.index)
+		}
+		total += n
+	}
+	return total
+}

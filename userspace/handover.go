@@ -22,6 +22,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -47,6 +48,10 @@ type handoverMsg struct {
 	Files  []string        `json:"files,omitempty"`
 	Error  string          `json:"error,omitempty"`
 	Totals *handoverTotals `json:"totals,omitempty"`
+	// Active is the sender's own live connections per backend, which it
+	// counts in the shared backends map: if it dies without its final
+	// message, the successor takes them out of the shared counts.
+	Active map[string]int64 `json:"active,omitempty"`
 }
 
 // handoverTotals are the counters /metrics reports, handed to the new
@@ -209,35 +214,45 @@ func (h *Handover) Abort(cause error) {
 
 // Commit tells the running process that this one serves; it stops
 // accepting, starts its drain and answers with its counters.
-func (h *Handover) Commit() (*handoverTotals, error) {
+func (h *Handover) Commit() (*handoverTotals, map[string]int64, error) {
 	_ = h.conn.SetDeadline(time.Now().Add(handoverWait))
 	if err := json.NewEncoder(h.conn).Encode(handoverMsg{Op: "ready"}); err != nil {
 		h.conn.Close()
-		return nil, fmt.Errorf("tell pid %d this process serves: %w", h.PredecessorPID, err)
+		return nil, nil, fmt.Errorf("tell pid %d this process serves: %w", h.PredecessorPID, err)
 	}
 	h.dec = json.NewDecoder(h.conn)
 	var answer handoverMsg
 	if err := h.dec.Decode(&answer); err != nil {
 		h.conn.Close()
-		return nil, fmt.Errorf("wait for pid %d to stop accepting: %w", h.PredecessorPID, err)
+		return nil, nil, fmt.Errorf("wait for pid %d to stop accepting: %w", h.PredecessorPID, err)
 	}
 	if answer.Error != "" {
 		h.conn.Close()
-		return nil, fmt.Errorf("pid %d: %s", h.PredecessorPID, answer.Error)
+		return nil, nil, fmt.Errorf("pid %d: %s", h.PredecessorPID, answer.Error)
 	}
-	return answer.Totals, nil
+	return answer.Totals, answer.Active, nil
 }
 
 // finalTotals waits for the predecessor to end and returns its counters
-// as they were then, or nil if it ended without sending them (killed).
-func (h *Handover) finalTotals() *handoverTotals {
+// as they were then. If it ended without sending them (killed), final is
+// nil and active is its live connections per backend as it last reported
+// them: they are still in the shared counts.
+func (h *Handover) finalTotals(initialActive map[string]int64) (final *handoverTotals, active map[string]int64) {
 	defer h.conn.Close()
 	_ = h.conn.SetDeadline(time.Time{})
-	var final handoverMsg
-	if err := h.dec.Decode(&final); err != nil || final.Op != "final" {
-		return nil
+	active = initialActive
+	for {
+		var msg handoverMsg
+		if err := h.dec.Decode(&msg); err != nil {
+			return nil, active
+		}
+		switch msg.Op {
+		case "final":
+			return msg.Totals, nil
+		case "active":
+			active = msg.Active
+		}
 	}
-	return final.Totals
 }
 
 // since is what t counted beyond base: the counters a predecessor added
@@ -421,7 +436,7 @@ func (p *Proxy) handleControl(c *net.UnixConn) {
 		// The run loop is gone (stopping): nothing accepts here anyway.
 	}
 	totals := p.totals()
-	if err := json.NewEncoder(c).Encode(handoverMsg{Totals: &totals}); err != nil {
+	if err := json.NewEncoder(c).Encode(handoverMsg{Totals: &totals, Active: p.ownActive()}); err != nil {
 		return
 	}
 	// What this process still counts while it drains (connections it
@@ -431,7 +446,55 @@ func (p *Proxy) handleControl(c *net.UnixConn) {
 	p.handoverMu.Lock()
 	p.successor = c
 	p.handoverMu.Unlock()
+	go p.reportActive(c)
 	c = nil // kept open: sendFinalTotals closes it
+}
+
+// activeReportPeriod bounds how long a change of this process's live
+// connections waits to be reported when no release signalled it.
+const activeReportPeriod = 200 * time.Millisecond
+
+// reportActive sends this process's live connections per backend to the
+// successor while it drains, at each release, so that if it is killed the
+// successor can take them out of the shared counts; without that, a hard
+// limit would admit fewer connections until the next fresh start.
+func (p *Proxy) reportActive(c *net.UnixConn) {
+	t := time.NewTicker(activeReportPeriod)
+	defer t.Stop()
+	var last map[string]int64
+	for {
+		select {
+		case <-t.C:
+		case <-p.balancer.released:
+		}
+		now := p.ownActive()
+		p.handoverMu.Lock()
+		if p.successor != c {
+			p.handoverMu.Unlock()
+			return // the final message went out
+		}
+		if !maps.Equal(now, last) {
+			_ = c.SetWriteDeadline(time.Now().Add(time.Second))
+			if err := json.NewEncoder(c).Encode(handoverMsg{Op: "active", Active: now}); err != nil {
+				p.handoverMu.Unlock()
+				return
+			}
+			last = now
+		}
+		p.handoverMu.Unlock()
+	}
+}
+
+// ownActive is this process's live connections per backend (not the
+// shared count).
+func (p *Proxy) ownActive() map[string]int64 {
+	active := map[string]int64{}
+	for _, c := range p.balancer.Counters() {
+		if c.Active > 0 {
+			active[c.ID] = c.Active
+		}
+	}
+	return active
 }
 
 // sendFinalTotals gives the successor this process's counters as they are

@@ -477,7 +477,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	if h := p.cfg.Handover; h != nil {
 		// Serving on the shared sockets already: now the old process may
 		// stop accepting. Its counters arrive once it has.
-		totals, cerr := h.Commit()
+		totals, initialActive, cerr := h.Commit()
 		if cerr != nil {
 			// The old one may still accept: two servers would each think
 			// they own the pins. Drain this one; the old keeps serving.
@@ -493,11 +493,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 		} else {
 			p.continueTotals(totals)
 			if totals != nil {
-				go func() {
-					if final := h.finalTotals(); final != nil {
-						p.continueTotals(final.since(totals))
-					}
-				}()
+				go p.followPredecessor(h, totals, initialActive)
 			}
 			if p.maps != nil {
 				if err := p.maps.PinConnectionMaps(); err != nil {
@@ -586,6 +582,22 @@ loop:
 	p.sendFinalTotals()
 	p.log.Info("edgeproxy stopped")
 	return err
+}
+
+// followPredecessor waits for the process that handed over to end. Its
+// final counters continue this process's; if it died without them
+// (SIGKILL during its drain), the connections it last reported are taken
+// out of the shared live counts, or hard limits would stay lower until
+// the next fresh start.
+func (p *Proxy) followPredecessor(h *Handover, totals *handoverTotals, initialActive map[string]int64) {
+	final, active := h.finalTotals(initialActive)
+	if final != nil {
+		p.continueTotals(final.since(totals))
+		return
+	}
+	n := p.balancer.releaseShared(active)
+	p.log.Warn("previous process ended without handing over its final counts (killed?): its connections no longer count against limits",
+		"predecessor", h.PredecessorPID, "connections", n)
 }
 
 // handOver stops this process's part in serving new clients once a
