@@ -600,6 +600,10 @@ func (p *Proxy) followPredecessor(h *Handover, totals *handoverTotals, initialAc
 		"predecessor", h.PredecessorPID, "connections", n)
 }
 
+// HandedOver says a successor took over from this process: what the two
+// share (pins, the WireGuard interface) is the successor's now.
+func (p *Proxy) HandedOver() bool { return p.balancer.handedOver.Load() }
+
 // handOver stops this process's part in serving new clients once a
 // successor serves: no more admin HTTP or control requests here (the
 // successor answers on the same sockets), no writes to the shared backend

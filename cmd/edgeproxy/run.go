@@ -130,7 +130,8 @@ func newRunCommand(e env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer ov.Close()
+			closeOverlay := ov.Close
+			defer func() { closeOverlay() }()
 			cfg.LoadOptions, cfg.OnTable = ov.LoadOptions, ov.OnTable
 			if ov.Collector != nil {
 				cfg.Collectors = append(cfg.Collectors, ov.Collector)
@@ -160,6 +161,11 @@ func newRunCommand(e env) *cobra.Command {
 			signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 			defer signal.Stop(signals)
 			err = proxy.Run(signals)
+			if proxy.HandedOver() && ov.On {
+				// The successor adopted the interface: taking it down
+				// now would cut its overlay.
+				closeOverlay = func() {}
+			}
 			// The follower stops before the overlay closes: a change it
 			// applied now would reach a mesh already gone.
 			fl.Close()
