@@ -428,9 +428,10 @@ func (p *Proxy) handleControl(c *net.UnixConn) {
 		return
 	}
 	committed = true
-	done := make(chan struct{})
+	done, replied := make(chan struct{}), make(chan struct{})
+	defer close(replied)
 	select {
-	case p.handoverReq <- handoverStep{successor: req.PID, done: done}:
+	case p.handoverReq <- handoverStep{successor: req.PID, done: done, replied: replied}:
 		<-done
 	case <-time.After(handoverWait):
 		// The run loop is gone (stopping): nothing accepts here anyway.
@@ -533,7 +534,8 @@ func rawFD(f *os.File) (int, error) {
 // handoverStep asks the run loop to stop accepting for a successor.
 type handoverStep struct {
 	successor int
-	done      chan struct{}
+	done      chan struct{} // closed by the run loop once accepts stopped
+	replied   chan struct{} // closed by the handler once the successor has its answer
 }
 
 // totals reads the counters a successor continues from.

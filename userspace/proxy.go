@@ -3,6 +3,7 @@
 package userspace
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -478,6 +479,12 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 		// Serving on the shared sockets already: now the old process may
 		// stop accepting. Its counters arrive once it has.
 		totals, initialActive, cerr := h.Commit()
+		if cerr != nil && !processAlive(h.PredecessorPID) {
+			// It ended (crashed, or was killed) after this process asked:
+			// nobody else serves, so this one does, from zero counts.
+			p.log.Warn("previous process ended during the hand-over: serving without its counters", "predecessor", h.PredecessorPID, "err", cerr)
+			cerr = nil
+		}
 		if cerr != nil {
 			// The old one may still accept: two servers would each think
 			// they own the pins. Drain this one; the old keeps serving.
@@ -523,6 +530,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	}
 	var err error
 	stopSignalled := false
+	var replied chan struct{} // closed once a successor has its answer
 loop:
 	for {
 		select {
@@ -539,6 +547,7 @@ loop:
 				drainTimer = time.After(p.cfg.Drain)
 			}
 			close(step.done)
+			replied = step.replied
 		case <-drainTimer:
 			p.log.Warn("drain time over, closing the remaining connections", "active", p.plane.Stats().Active)
 			stopAll()
@@ -579,6 +588,14 @@ loop:
 			err = errors.Join(err, fmt.Errorf("release data plane: %w", cerr))
 		}
 	}
+	if replied != nil {
+		// This process may have nothing left to drain: it must still
+		// answer the successor, which waits for the answer to serve on.
+		select {
+		case <-replied:
+		case <-time.After(handoverWait):
+		}
+	}
 	p.sendFinalTotals()
 	p.log.Info("edgeproxy stopped")
 	return err
@@ -598,6 +615,24 @@ func (p *Proxy) followPredecessor(h *Handover, totals *handoverTotals, initialAc
 	n := p.balancer.releaseShared(active)
 	p.log.Warn("previous process ended without handing over its final counts (killed?): its connections no longer count against limits",
 		"predecessor", h.PredecessorPID, "connections", n)
+}
+
+// processAlive says whether pid still runs: a zombie (ended, not yet
+// reaped by its parent) does not.
+func processAlive(pid int) bool {
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist)
+	}
+	// The state follows the command name in parentheses, which may
+	// itself hold ") ".
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) {
+		return stat[i+2] != 'Z' && stat[i+2] != 'X'
+	}
+	return true
 }
 
 // HandedOver says a successor took over from this process: what the two

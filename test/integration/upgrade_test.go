@@ -639,3 +639,30 @@ func TestConcurrentUpgrades(t *testing.T) {
 	nettest.MustReach(t, topo.Client, proxyAddr, "b1")
 	served[0].waitNoEntries(t)
 }
+
+// An old process with no connection has nothing to drain and ends at
+// once: it must still answer the new one first, which otherwise never
+// learns it may serve (seen: the new process drained itself and nobody
+// served).
+func TestUpgradeIdleProxy(t *testing.T) {
+	nettest.RequireRoot(t)
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			topo := nettest.NewTopology(t)
+			nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", nettest.Greeter("b1"))
+			cur := startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)}, "EDGEPROXY_HEALTH_INTERVAL_SECS=0")
+			for i := range 5 {
+				next, out, err := upgrade(t, topo.Proxy, cur)
+				if err != nil {
+					t.Fatalf("upgrade %d of an idle proxy: %v\n%s", i, err, out)
+				}
+				waitGone(t, cur, 3*time.Second)
+				nettest.MustReach(t, topo.Client, proxyAddr, "b1")
+				if strings.Contains(next.logs.String(), "draining this process") {
+					t.Fatalf("upgrade %d: the new process drains itself:\n%s", i, next.logs.String())
+				}
+				cur = next
+			}
+		})
+	}
+}
