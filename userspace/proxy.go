@@ -342,22 +342,24 @@ const clientsTracked = 1 << 16
 // refuses a client before descriptors run out. The reserve is what the
 // process holds already (listeners, BPF objects, the database watcher),
 // what the admin server may hold at most, one per health probe in flight,
-// and a margin. A connection holds 2 descriptors on the sockmap plane, 6
-// on the splice plane (2 sockets and the 2 pipes of its splices).
+// and a margin. A connection holds 2 descriptors on the sockmap plane. On
+// the splice plane an idle one holds its 2 sockets too; the pipes (2
+// descriptors each) are lent only to directions with bytes in flight, at
+// most one per 4 connections (spliceConnsForFiles).
 func maxConnsForFileLimit(plane string, healthWorkers, adminConns int) int64 {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == ^uint64(0) {
 		return 0
 	}
-	perConn := uint64(2)
-	if plane == "splice" {
-		perConn = 6
-	}
 	reserve := uint64(openFiles() + adminConns + healthWorkers + fileMargin)
-	if lim.Cur < reserve+perConn {
+	if lim.Cur <= reserve {
 		return 1
 	}
-	return int64((lim.Cur - reserve) / perConn)
+	conns := (lim.Cur - reserve) / 2
+	if plane == "splice" {
+		conns = spliceConnsForFiles(lim.Cur - reserve)
+	}
+	return int64(max(conns, 1))
 }
 
 // fileMargin covers descriptors opened briefly: a routing.db reload, a geo
@@ -419,8 +421,8 @@ func (p *Proxy) choosePlane(env planeEnv) error {
 	return nil
 }
 
-// workers is the number of event loops serving connections: the sockmap
-// plane's, or 1 for the splice plane (a goroutine per connection).
+// workers is the number of event loops serving connections
+// (EDGEPROXY_WORKERS on either plane); 1 for a plane without loops.
 func (p *Proxy) workers() int {
 	if w, ok := p.plane.(interface{ Workers() int }); ok {
 		return w.Workers()
@@ -748,7 +750,8 @@ func (p *Proxy) onClose(s ConnSummary) {
 }
 
 // RaiseFileLimit lifts the soft open-file limit to the hard one: each
-// proxied connection holds two sockets (and two pipes on the splice plane).
+// proxied connection holds two sockets (and, on the splice plane, a pipe
+// of two while bytes are in flight).
 func RaiseFileLimit(log *slog.Logger) {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
@@ -762,6 +765,6 @@ func RaiseFileLimit(log *slog.Logger) {
 		}
 	}
 	if lim.Cur < 65536 {
-		log.Warn("open-file limit is low: each connection holds 2 descriptors (6 on the splice plane)", "limit", lim.Cur)
+		log.Warn("open-file limit is low: each connection holds 2 descriptors (and a pipe of 2 while bytes are in flight on the splice plane)", "limit", lim.Cur)
 	}
 }

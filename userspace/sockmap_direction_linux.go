@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"github.com/edgeproxy/edgeproxy/loader"
 	"golang.org/x/sys/unix"
@@ -144,8 +145,10 @@ type direction struct {
 	behind int
 	// pending was read from the source, not yet taken by the peer.
 	pending []byte
-	// lastSeen is the count at the last backlog check.
-	lastSeen uint64
+	// lastSeen is the count at the last backlog check, lastSeenAt when
+	// that check ran.
+	lastSeen   uint64
+	lastSeenAt time.Time
 	// clamp is the window clamp to restore once armed, 0 when not clamped.
 	// Catching up on passed bytes races the sender, whose window opens as
 	// fast as userspace reads; a small window lets userspace win the race.
@@ -165,6 +168,24 @@ type direction struct {
 	// backlog is at most count - ackedFloor, so while that is small the
 	// backlog check costs no system call.
 	ackedFloor uint64
+	// peerSndbuf is the send buffer the peer had before bulk this way
+	// raised it (sizeForBulk), 0 when not raised, -1 when it need not be;
+	// peerSndbufSet is what it was raised to.
+	peerSndbuf    int
+	peerSndbufSet int
+	// drainedAt and drained are when the receiver's acknowledged count
+	// was last read and what it was: how fast it drains tells a slow
+	// receiver from a kernel worker that fell behind for a moment.
+	drainedAt time.Time
+	drained   uint64
+	// quiet is set once the armed direction's socket was registered
+	// without EPOLLIN (epollArmed), after busyTicks ticks that moved
+	// bytes.
+	quiet     bool
+	busyTicks int
+	// pausedAt is when the direction last paused, zero once re-armed:
+	// the debug log says how long each pause cost.
+	pausedAt time.Time
 }
 
 // transition moves the direction on ev, or refuses a step the table does
@@ -208,6 +229,11 @@ const (
 	// unacknowledged before it pauses, whatever the budget: the kernel
 	// itself bounds neither the psock queue nor the sender.
 	maxPauseBacklog = 32 << 20
+	// drainingTickBytes is what a receiver must acknowledge per tick for
+	// its direction to use its whole budget share before pausing: 1 Gbit/s,
+	// which drains a 32 MiB share in a quarter of a second. A slower
+	// reader pauses at half its share, as every reader did before.
+	drainingTickBytes = 625_000
 )
 
 // forward does userspace's share of moving src's bytes to its peer: it
@@ -240,6 +266,11 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 				}
 				src.armedAt = count
 				src.behind = 0
+				if !src.pausedAt.IsZero() {
+					p.env.log.Debug("direction re-armed after a pause", "client", c.clientAddr, "socket", src.side(),
+						"paused_for", time.Since(src.pausedAt))
+					src.pausedAt = time.Time{}
+				}
 				p.unclamp(src)
 				p.restoreReceive(src)
 				break
@@ -297,10 +328,16 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 // step applies ev to src's direction; an illegal step is a bug, logged
 // loudly, and resets the connection. It returns false then.
 func (p *sockmapPlane) step(src *endpoint, ev directionEvent) bool {
+	was := src.state
 	if err := src.transition(ev); err != nil {
 		p.env.log.Error("sockmap plane bug", "client", src.conn.clientAddr, "socket", src.side(), "err", err)
 		p.reset(src.conn, "reset", err.Error())
 		return false
+	}
+	if was == dirArmed && src.quiet {
+		// Paused or ended: userspace reads this socket again.
+		src.quiet, src.busyTicks = false, 0
+		p.reregister(src)
 	}
 	return true
 }
@@ -474,8 +511,12 @@ func (p *sockmapPlane) endArmed(src *endpoint, final uint64) bool {
 // socket's own queue, which its receive buffer bounds and TCP flow control
 // throttles, and userspace forwards them as the receiver drains, then
 // re-arms. (Narrowing the sender's window instead was tried: it cost a
-// third of the bulk throughput and still let the queue grow.)
-func (p *sockmapPlane) checkBacklog(src *endpoint) {
+// third of the bulk throughput and still let the queue grow.) A direction
+// whose receiver acknowledges drainingTickBytes per tick is a stream
+// whose kernel worker fell behind for a moment, not a slow reader: it may
+// use its whole share (twice pauseBacklog) before it pauses, since every
+// pause of a healthy stream costs a round of userspace copying.
+func (p *sockmapPlane) checkBacklog(src *endpoint, now time.Time) {
 	if src.state != dirArmed {
 		return
 	}
@@ -484,12 +525,17 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 	if count == src.lastSeen {
 		return
 	}
-	// What arrived since the last check will likely arrive again before
-	// the next: pausing on the backlog plus that growth keeps a fast
-	// sender from overshooting its share by a tick's worth of bytes.
-	growth := count - src.lastSeen
-	src.lastSeen = count
+	// What arrived in one tick will likely arrive again before the next
+	// check: pausing on the backlog plus that growth keeps a fast sender
+	// from overshooting its share by a tick's worth of bytes. The growth
+	// is scaled to one tick: a loop that woke late (a busy machine) saw
+	// several ticks' worth arrive, and counting all of it as the next
+	// tick's paused healthy bulk streams for a backlog they never had.
+	growth := tickGrowth(count-src.lastSeen, now.Sub(src.lastSeenAt), p.tick)
+	src.lastSeen, src.lastSeenAt = count, now
+	p.quietWhenBusy(src)
 	limit := p.pauseBacklog()
+	p.sizeForBulk(src, growth, limit)
 	if count-min(src.ackedFloor, count)+growth < limit {
 		// Even if the receiver acknowledged nothing since the last look,
 		// the backlog is under the limit: no need to ask the kernel.
@@ -507,7 +553,8 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 		return
 	}
 	backlog := count - delivered
-	if backlog+growth < limit {
+	draining := src.receiverDraining(delivered, now, p.tick)
+	if backlog+growth < limit || (draining && backlog+growth < 2*limit) {
 		return
 	}
 	for s&loader.FlowArmed != 0 {
@@ -519,10 +566,11 @@ func (p *sockmapPlane) checkBacklog(src *endpoint) {
 			if src.settled > src.armedAt {
 				src.redirected = true
 			}
+			src.pausedAt = now
 			p.shrinkReceive(src)
 			p.watch(src.conn)
 			p.env.log.Debug("direction paused for a slow receiver", "client", src.conn.clientAddr,
-				"socket", src.side(), "backlog", backlog)
+				"socket", src.side(), "backlog", backlog, "growth", growth, "receiver_draining", draining)
 			return
 		}
 		s = atomic.LoadUint64(src.flow)
@@ -550,4 +598,25 @@ func (ep *endpoint) settledTotal() uint64 {
 		return ep.settled
 	}
 	return atomic.LoadUint64(ep.flow) & loader.FlowCountMask
+}
+
+// tickGrowth scales what a direction received over elapsed to one tick.
+func tickGrowth(received uint64, elapsed, tick time.Duration) uint64 {
+	if elapsed <= tick {
+		return received
+	}
+	return uint64(float64(received) * float64(tick) / float64(elapsed))
+}
+
+// receiverDraining reads whether the receiver of src's direction
+// acknowledged at least drainingTickBytes per tick since the last look:
+// the backlog is then a kernel worker behind a fast stream, not a slow
+// reader.
+func (d *direction) receiverDraining(delivered uint64, now time.Time, tick time.Duration) bool {
+	prev, prevAt := d.drained, d.drainedAt
+	d.drained, d.drainedAt = delivered, now
+	if prevAt.IsZero() || delivered < prev {
+		return false
+	}
+	return tickGrowth(delivered-prev, now.Sub(prevAt), tick) >= drainingTickBytes
 }

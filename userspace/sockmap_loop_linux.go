@@ -72,6 +72,28 @@ const (
 	// armed socket whose bytes the kernel moves wakes the loop only when
 	// something changes, RDHUP included to notice a FIN.
 	epollIn = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
+	// epollArmed is how the socket of an armed direction that carries
+	// many messages is registered: without EPOLLIN. The kernel moves its
+	// bytes, yet after each skb the verdict consumed,
+	// sk_psock_verdict_data_ready calls the socket's own data-ready
+	// callback, whose wake-up carries EPOLLIN: registered for it, the
+	// loop's thread woke once per message with nothing to do. A FIN still wakes it
+	// (tcp_fin's state-change wake-up carries no event mask, and the
+	// socket then polls RDHUP), and so do errors and hang-ups.
+	epollArmed = unix.EPOLLRDHUP | unix.EPOLLET
+	// quietAfterTicks is how many ticks an armed direction must move
+	// bytes in before its socket is registered without EPOLLIN. The
+	// wake-ups it saves never reach userspace (epoll re-polls the socket,
+	// finds nothing readable and sleeps again), so they cannot be counted
+	// where they happen; a direction busy for 20 ms is one that goes on
+	// exchanging messages, and pays the epoll_ctl once, while the short
+	// connections the connection-rate figure counts do not. Never at
+	// arming: bytes that queued before the socket entered the sockhash
+	// are unseen by the verdict until kickUnseen, which EPOLLIN triggers,
+	// feeds them through (a greeting hung when the socket went quiet at
+	// once); once the verdict has counted bytes, read_skb has drained the
+	// queue from its head, so nothing unseen is left.
+	quietAfterTicks = 4
 	// maxAcceptRun bounds the accepts of one wake-up, so a flood of new
 	// clients cannot starve the connections this loop already holds.
 	maxAcceptRun = 256
@@ -443,11 +465,41 @@ func (p *sockmapPlane) register(ep *endpoint, events uint32) error {
 // wantWritable adds EPOLLOUT to ep's registration while bytes for it wait
 // in userspace, and takes it away once they are written.
 func (p *sockmapPlane) wantWritable(ep *endpoint, want bool) {
-	ev := uint32(epollIn)
+	ev := ep.readEvents()
 	if want {
 		ev |= unix.EPOLLOUT
 	}
 	_ = p.register(ep, ev)
+}
+
+// readEvents is what ep is registered for besides EPOLLOUT: EPOLLIN
+// unless its direction is armed and quiet (see epollArmed).
+func (ep *endpoint) readEvents() uint32 {
+	if ep.quiet {
+		return epollArmed
+	}
+	return epollIn
+}
+
+// quietWhenBusy counts the ticks in which an armed direction moved bytes;
+// after quietAfterTicks of them its socket stops asking for EPOLLIN.
+func (p *sockmapPlane) quietWhenBusy(ep *endpoint) {
+	if ep.quiet || ep.state != dirArmed {
+		return
+	}
+	if ep.busyTicks++; ep.busyTicks >= quietAfterTicks {
+		ep.quiet = true
+		p.reregister(ep)
+	}
+}
+
+// reregister updates ep's registration after its direction changed
+// state, keeping EPOLLOUT as it was. Adding EPOLLIN back re-polls the
+// socket, so bytes that arrived meanwhile are reported.
+func (p *sockmapPlane) reregister(ep *endpoint) {
+	if ep.events != 0 {
+		_ = p.register(ep, ep.readEvents()|ep.events&unix.EPOLLOUT)
+	}
 }
 
 // watch has c re-examined on the next tick: redirected bytes draining
@@ -488,8 +540,8 @@ func (p *sockmapPlane) onTick(now time.Time) {
 				continue
 			}
 		}
-		p.checkBacklog(&c.client)
-		p.checkBacklog(&c.backend)
+		p.checkBacklog(&c.client, now)
+		p.checkBacklog(&c.backend, now)
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // Every legal step of a direction, named after what happens on the wire.
@@ -147,5 +149,30 @@ func TestConnPhaseSteps(t *testing.T) {
 	}
 	if illegal != 4*4-len(legal) {
 		t.Fatalf("checked %d illegal changes, want %d", illegal, 4*4-len(legal))
+	}
+}
+
+func TestABusyArmedDirectionGoesQuiet(t *testing.T) {
+	var p sockmapPlane // no epoll: register is not reached while ep.events is 0
+	ep := &endpoint{direction: direction{state: dirArmed}}
+	for i := 1; i < quietAfterTicks; i++ {
+		p.quietWhenBusy(ep)
+		if ep.readEvents() != epollIn {
+			t.Fatalf("after %d busy ticks: registered for %#x, want EPOLLIN still", i, ep.readEvents())
+		}
+	}
+	p.quietWhenBusy(ep)
+	if got := ep.readEvents(); got != epollArmed || got&unix.EPOLLRDHUP == 0 {
+		t.Fatalf("after %d busy ticks: registered for %#x, want %#x (RDHUP, no EPOLLIN)", quietAfterTicks, got, epollArmed)
+	}
+	if !p.step(ep, evPaused) || ep.readEvents() != epollIn {
+		t.Errorf("paused: registered for %#x, want EPOLLIN back: userspace reads the passed bytes", ep.readEvents())
+	}
+	catchingUp := &endpoint{direction: direction{state: dirCatchingUp}}
+	for range 2 * quietAfterTicks {
+		p.quietWhenBusy(catchingUp)
+	}
+	if catchingUp.readEvents() != epollIn {
+		t.Errorf("a catching-up direction went quiet: it must read its passed bytes")
 	}
 }

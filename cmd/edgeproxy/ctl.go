@@ -174,14 +174,14 @@ func newCtlBackendCommand(s *ctlSession) *cobra.Command {
 	}
 	f := put.Flags()
 	f.StringVar(&addr, "wg-ip", "", "the backend's address (column wg_ip), IPv4 or IPv6")
-	f.IntVar(&port, "port", 0, "the backend's TCP port")
+	decimalIntVar(f, &port, "port", 0, "the backend's TCP port")
 	f.StringVar(&app, "app", "", "application name")
 	f.StringVar(&region, "region", "", "the backend's region (sa, us, eu, ap, ...)")
 	f.StringVar(&country, "country", "", "the backend's country code (BR, US, ...)")
 	f.BoolVar(&healthy, "healthy", true, "may take traffic; --healthy=false holds it admin_down")
-	f.IntVar(&weight, "weight", 1, "weight (0 counts as 1)")
-	f.IntVar(&softLimit, "soft-limit", 0, "connections at which its score doubles (0 counts as 1)")
-	f.IntVar(&hardLimit, "hard-limit", 0, "most connections; 0: no limit")
+	decimalIntVar(f, &weight, "weight", 1, "weight (0 counts as 1)")
+	decimalIntVar(f, &softLimit, "soft-limit", 0, "connections at which its score doubles (0 counts as 1)")
+	decimalIntVar(f, &hardLimit, "hard-limit", 0, "most connections; 0: no limit")
 	markRequired(put, "wg-ip", "port")
 
 	list := s.listCommand("backend", func(w io.Writer, snap fleet.Snapshot, asJSON bool) error {

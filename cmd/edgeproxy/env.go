@@ -1,9 +1,11 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
-	"time"
+
+	"github.com/spf13/pflag"
 )
 
 // env reads the EDGEPROXY_* variables through an injectable lookup.
@@ -23,30 +25,6 @@ func (e env) str(name, def string) string {
 	return v
 }
 
-func (e env) seconds(name string, def int) (time.Duration, error) {
-	v := e.str(name, "")
-	if v == "" {
-		return time.Duration(def) * time.Second, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("%s=%q: want a whole number of seconds >= 0", name, v)
-	}
-	return time.Duration(n) * time.Second, nil
-}
-
-func (e env) millis(name string, def int) (time.Duration, error) {
-	v := e.str(name, "")
-	if v == "" {
-		return time.Duration(def) * time.Millisecond, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("%s=%q: want a whole number of milliseconds > 0", name, v)
-	}
-	return time.Duration(n) * time.Millisecond, nil
-}
-
 // intIn reads a whole-number variable that must lie in [lo, hi]; unset or
 // empty gives def.
 func (e env) intIn(name string, def, lo, hi int) (int, error) {
@@ -59,4 +37,38 @@ func (e env) intIn(name string, def, lo, hi int) (int, error) {
 		return 0, fmt.Errorf("%s=%q: want a whole number from %d to %d", name, v, lo, hi)
 	}
 	return n, nil
+}
+
+// decimalInt is an int flag read in base 10 only. pflag's IntVar parses
+// with base 0, so --health-interval-secs=010 meant 8 seconds and 0x10
+// meant 16; a variable has always been read in base 10 (strconv.Atoi),
+// and a flag now reads the same number as its variable.
+type decimalInt struct{ p *int }
+
+func (d decimalInt) String() string {
+	if d.p == nil {
+		return "0"
+	}
+	return strconv.Itoa(*d.p)
+}
+
+func (d decimalInt) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		if errors.Is(err, strconv.ErrRange) {
+			return errors.New("value out of range")
+		}
+		return errors.New("want a whole number in base 10")
+	}
+	*d.p = n
+	return nil
+}
+
+// Type is what --help shows, as for pflag's own int flags.
+func (decimalInt) Type() string { return "int" }
+
+// decimalIntVar is pflag's IntVar with decimalInt's parsing.
+func decimalIntVar(f *pflag.FlagSet, p *int, name string, value int, usage string) {
+	*p = value
+	f.Var(decimalInt{p}, name, usage)
 }

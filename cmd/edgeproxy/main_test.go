@@ -94,7 +94,7 @@ func TestErrorsAreOneLineWithCause(t *testing.T) {
 		{"missing database", nil, append([]string{"run", "--db", "/nonexistent/routing.db", "--listen", "127.0.0.1:0"}, base...), "/nonexistent/routing.db"},
 		{"corrupt database", nil, append([]string{"run", "--db", corrupt, "--listen", "127.0.0.1:0"}, base...), "open routing database"},
 		{"listen address in use", nil, append([]string{"run", "--db", db, "--listen", busy.Addr().String()}, base...), "address already in use"},
-		{"bad data plane", nil, []string{"run", "--db", db, "--listen", "127.0.0.1:0", "--dataplane", "xdp"}, `data plane "xdp": must be auto, sockmap or splice`},
+		{"bad data plane", nil, []string{"run", "--db", db, "--listen", "127.0.0.1:0", "--dataplane", "xdp"}, `--dataplane="xdp": want auto, sockmap or splice`},
 		{"bad timeout variable", []string{"EDGEPROXY_CONNECT_TIMEOUT_MS=soon"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_CONNECT_TIMEOUT_MS="soon"`},
 		{"bad reload variable", []string{"EDGEPROXY_DB_RELOAD_SECS=-1"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_DB_RELOAD_SECS="-1"`},
 		{"health fall of zero", []string{"EDGEPROXY_HEALTH_FALL=0"}, append([]string{"run", "--db", db}, base...), `EDGEPROXY_HEALTH_FALL="0": want a whole number from 1 to 1000`},

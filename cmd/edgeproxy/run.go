@@ -1,10 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 
 	"github.com/edgeproxy/edgeproxy/loader"
@@ -14,81 +17,17 @@ import (
 )
 
 func newRunCommand(e env) *cobra.Command {
-	var cfg userspace.Config
-	var reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs int
-	var debug bool
-	var lim limitSettings
+	var given runFlags
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Serve: accept clients, route them, splice them to backends",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) (runErr error) {
-			var err error
-			served := false
-			flags := cmd.Flags()
-			// A flag wins over its variable; an unset flag takes the
-			// variable, else the contract's default.
-			durations := []struct {
-				flag, name string
-				def        int
-				val        *int
-				millis     bool
-			}{
-				{"db-reload-secs", "EDGEPROXY_DB_RELOAD_SECS", 5, &reloadSecs, false},
-				{"binding-ttl-secs", "EDGEPROXY_BINDING_TTL_SECS", 600, &ttlSecs, false},
-				{"binding-gc-interval-secs", "EDGEPROXY_BINDING_GC_INTERVAL_SECS", 60, &gcSecs, false},
-				{"connect-timeout-ms", "EDGEPROXY_CONNECT_TIMEOUT_MS", 2000, &connectMS, true},
-				{"drain-secs", "EDGEPROXY_DRAIN_SECS", 30, &drainSecs, false},
-			}
-			for _, d := range durations {
-				if flags.Changed(d.flag) {
-					if *d.val < 0 || (d.millis && *d.val == 0) {
-						return fmt.Errorf("--%s=%d: out of range", d.flag, *d.val)
-					}
-					continue
-				}
-				if d.millis {
-					v, err := e.millis(d.name, d.def)
-					if err != nil {
-						return err
-					}
-					*d.val = int(v.Milliseconds())
-				} else {
-					v, err := e.seconds(d.name, d.def)
-					if err != nil {
-						return err
-					}
-					*d.val = int(v.Seconds())
-				}
-			}
-			strs := []struct {
-				flag, name, def string
-				val             *string
-			}{
-				{"listen", "EDGEPROXY_LISTEN_ADDR", "0.0.0.0:8080", &cfg.ListenAddr},
-				{"db", "EDGEPROXY_DB_PATH", "routing.db", &cfg.DBPath},
-				{"region", "EDGEPROXY_REGION", "sa", &cfg.Region},
-				{"geoip", "EDGEPROXY_GEOIP_PATH", "", &cfg.GeoIPPath},
-				{"dataplane", "EDGEPROXY_DATAPLANE", "auto", &cfg.Dataplane},
-				{"admin", "EDGEPROXY_ADMIN_ADDR", "127.0.0.1:9090", &cfg.AdminAddr},
-				{"bpf-pin-path", "EDGEPROXY_BPF_PIN_PATH", loader.DefaultPinPath, &cfg.PinPath},
-			}
-			for _, s := range strs {
-				if !flags.Changed(s.flag) {
-					*s.val = e.str(s.name, s.def)
-				}
-			}
-			if !flags.Changed("debug") {
-				debug = e.str("DEBUG", "") != ""
-			}
-			if err := lim.resolve(e, flags); err != nil {
-				return err
-			}
-			lim.apply(&cfg)
 			report, err := openUpgradeReport(e)
 			if err != nil {
 				return err
 			}
+			served := false
 			// Until it serves, a process started by `edgeproxy upgrade`
 			// reports why it stopped; the old process keeps serving.
 			defer func() {
@@ -96,11 +35,10 @@ func newRunCommand(e env) *cobra.Command {
 					report.failed(runErr)
 				}
 			}()
-			cfg.DBReload = secs(reloadSecs)
-			cfg.BindingTTL = secs(ttlSecs)
-			cfg.BindingGC = secs(gcSecs)
-			cfg.ConnectTimeout = millis(connectMS)
-			cfg.Drain = secs(drainSecs)
+			cfg, debug, err := given.resolveConfig(e, cmd.Flags())
+			if err != nil {
+				return err
+			}
 
 			level := slog.LevelInfo
 			if debug {
@@ -172,22 +110,149 @@ func newRunCommand(e env) *cobra.Command {
 			return err
 		},
 	}
-	f := cmd.Flags()
-	f.StringVar(&cfg.ListenAddr, "listen", "", "TCP listen address (EDGEPROXY_LISTEN_ADDR, default 0.0.0.0:8080)")
-	f.StringVar(&cfg.DBPath, "db", "", "SQLite routing database (EDGEPROXY_DB_PATH, default routing.db)")
-	f.StringVar(&cfg.Region, "region", "", "this POP's region (EDGEPROXY_REGION, default sa)")
-	f.StringVar(&cfg.GeoIPPath, "geoip", "", "geo database .mmdb; empty: embedded (EDGEPROXY_GEOIP_PATH)")
-	f.StringVar(&cfg.Dataplane, "dataplane", "", "auto, sockmap or splice (EDGEPROXY_DATAPLANE, default auto)")
-	f.StringVar(&cfg.AdminAddr, "admin", "", "admin HTTP address; empty disables (EDGEPROXY_ADMIN_ADDR, default 127.0.0.1:9090)")
-	f.StringVar(&cfg.PinPath, "bpf-pin-path", "", "where BPF maps are pinned (EDGEPROXY_BPF_PIN_PATH, default "+loader.DefaultPinPath+")")
-	f.IntVar(&reloadSecs, "db-reload-secs", 0, "longest time before a changed database is applied (EDGEPROXY_DB_RELOAD_SECS, default 5)")
-	f.IntVar(&ttlSecs, "binding-ttl-secs", 0, "affinity lifetime since last use (EDGEPROXY_BINDING_TTL_SECS, default 600)")
-	f.IntVar(&gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
-	f.IntVar(&connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
-	f.IntVar(&drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
-	f.BoolVar(&debug, "debug", false, "debug logging (DEBUG)")
-	lim.flags(f)
+	given.register(cmd.Flags())
 	return cmd
+}
+
+// runFlags are the values `edgeproxy run`'s flags were given; a flag not
+// given keeps its zero value and resolveConfig takes the variable instead.
+type runFlags struct {
+	cfg                                               userspace.Config
+	reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs int
+	debug                                             bool
+	lim                                               limitSettings
+}
+
+func (r *runFlags) register(f *pflag.FlagSet) {
+	f.StringVar(&r.cfg.ListenAddr, "listen", "", "TCP listen address (EDGEPROXY_LISTEN_ADDR, default 0.0.0.0:8080)")
+	f.StringVar(&r.cfg.DBPath, "db", "", "SQLite routing database (EDGEPROXY_DB_PATH, default routing.db)")
+	f.StringVar(&r.cfg.Region, "region", "", "this POP's region (EDGEPROXY_REGION, default sa)")
+	f.StringVar(&r.cfg.GeoIPPath, "geoip", "", "geo database .mmdb; empty: embedded (EDGEPROXY_GEOIP_PATH)")
+	f.StringVar(&r.cfg.Dataplane, "dataplane", "", "auto, sockmap or splice (EDGEPROXY_DATAPLANE, default auto)")
+	f.StringVar(&r.cfg.AdminAddr, "admin", "", "admin HTTP address; empty disables (EDGEPROXY_ADMIN_ADDR, default 127.0.0.1:9090)")
+	f.StringVar(&r.cfg.PinPath, "bpf-pin-path", "", "where BPF maps are pinned (EDGEPROXY_BPF_PIN_PATH, default "+loader.DefaultPinPath+")")
+	decimalIntVar(f, &r.reloadSecs, "db-reload-secs", 0, "longest time before a changed database is applied (EDGEPROXY_DB_RELOAD_SECS, default 5)")
+	decimalIntVar(f, &r.ttlSecs, "binding-ttl-secs", 0, "affinity lifetime since last use (EDGEPROXY_BINDING_TTL_SECS, default 600)")
+	decimalIntVar(f, &r.gcSecs, "binding-gc-interval-secs", 0, "affinity expiry sweep (EDGEPROXY_BINDING_GC_INTERVAL_SECS, default 60)")
+	decimalIntVar(f, &r.connectMS, "connect-timeout-ms", 0, "backend dial timeout (EDGEPROXY_CONNECT_TIMEOUT_MS, default 2000)")
+	decimalIntVar(f, &r.drainSecs, "drain-secs", 0, "on SIGTERM, how long established connections may finish (EDGEPROXY_DRAIN_SECS, default 30)")
+	f.BoolVar(&r.debug, "debug", false, "debug logging (DEBUG)")
+	r.lim.flags(f)
+}
+
+// resolveConfig turns the flags given and the environment into the
+// proxy's settings, with no side effect: a flag wins over its variable, an
+// unset flag takes the variable, else the contract's default. A value out
+// of range or not a number is an error naming the flag or variable.
+func (r runFlags) resolveConfig(e env, flags *pflag.FlagSet) (cfg userspace.Config, debug bool, err error) {
+	cfg, debug, lim := r.cfg, r.debug, r.lim
+	reloadSecs, ttlSecs, gcSecs, connectMS, drainSecs := r.reloadSecs, r.ttlSecs, r.gcSecs, r.connectMS, r.drainSecs
+	// A flag wins over its variable; an unset flag takes the
+	// variable, else the contract's default.
+	// Each duration has a ceiling: time.Duration holds about 292 years,
+	// and a larger number of seconds would wrap to a negative period
+	// instead of being refused.
+	durations := []struct {
+		flag, name  string
+		def, lo, hi int
+		val         *int
+	}{
+		{"db-reload-secs", "EDGEPROXY_DB_RELOAD_SECS", 5, 0, day, &reloadSecs},
+		{"binding-ttl-secs", "EDGEPROXY_BINDING_TTL_SECS", 600, 0, 30 * day, &ttlSecs},
+		{"binding-gc-interval-secs", "EDGEPROXY_BINDING_GC_INTERVAL_SECS", 60, 0, day, &gcSecs},
+		{"connect-timeout-ms", "EDGEPROXY_CONNECT_TIMEOUT_MS", 2000, 1, 600_000, &connectMS},
+		{"drain-secs", "EDGEPROXY_DRAIN_SECS", 30, 0, day, &drainSecs},
+	}
+	for _, d := range durations {
+		if flags.Changed(d.flag) {
+			if *d.val < d.lo || *d.val > d.hi {
+				return cfg, false, fmt.Errorf("--%s=%d: want a whole number from %d to %d", d.flag, *d.val, d.lo, d.hi)
+			}
+			continue
+		}
+		v, err := e.intIn(d.name, d.def, d.lo, d.hi)
+		if err != nil {
+			return cfg, false, err
+		}
+		*d.val = v
+	}
+	strs := []struct {
+		flag, name, def string
+		val             *string
+	}{
+		{"listen", "EDGEPROXY_LISTEN_ADDR", "0.0.0.0:8080", &cfg.ListenAddr},
+		{"db", "EDGEPROXY_DB_PATH", "routing.db", &cfg.DBPath},
+		{"region", "EDGEPROXY_REGION", "sa", &cfg.Region},
+		{"geoip", "EDGEPROXY_GEOIP_PATH", "", &cfg.GeoIPPath},
+		{"dataplane", "EDGEPROXY_DATAPLANE", "auto", &cfg.Dataplane},
+		{"admin", "EDGEPROXY_ADMIN_ADDR", "127.0.0.1:9090", &cfg.AdminAddr},
+		{"bpf-pin-path", "EDGEPROXY_BPF_PIN_PATH", loader.DefaultPinPath, &cfg.PinPath},
+	}
+	for _, s := range strs {
+		if !flags.Changed(s.flag) {
+			*s.val = e.str(s.name, s.def)
+		}
+	}
+	if !flags.Changed("debug") {
+		debug = e.str("DEBUG", "") != ""
+	}
+	if err := checkRunStrings(cfg, flags); err != nil {
+		return cfg, false, err
+	}
+	if err := lim.resolve(e, flags); err != nil {
+		return cfg, false, err
+	}
+	lim.apply(&cfg)
+	cfg.DBReload = secs(reloadSecs)
+	cfg.BindingTTL = secs(ttlSecs)
+	cfg.BindingGC = secs(gcSecs)
+	cfg.ConnectTimeout = millis(connectMS)
+	cfg.Drain = secs(drainSecs)
+	return cfg, debug, nil
+}
+
+// checkRunStrings refuses, before anything opens, the text settings that
+// would otherwise fail later with a message that does not name them.
+func checkRunStrings(cfg userspace.Config, flags *pflag.FlagSet) error {
+	source := func(flag, name string) string {
+		if flags.Changed(flag) {
+			return "--" + flag
+		}
+		return name
+	}
+	switch cfg.Dataplane {
+	case "auto", "sockmap", "splice":
+	default:
+		return fmt.Errorf("%s=%q: want auto, sockmap or splice", source("dataplane", "EDGEPROXY_DATAPLANE"), cfg.Dataplane)
+	}
+	if err := checkHostPort(cfg.ListenAddr); err != nil {
+		return fmt.Errorf("%s=%q: %w", source("listen", "EDGEPROXY_LISTEN_ADDR"), cfg.ListenAddr, err)
+	}
+	if cfg.AdminAddr != "" {
+		if err := checkHostPort(cfg.AdminAddr); err != nil {
+			return fmt.Errorf("%s=%q: %w (empty disables the admin server)", source("admin", "EDGEPROXY_ADMIN_ADDR"), cfg.AdminAddr, err)
+		}
+	}
+	if cfg.DBPath == "" {
+		return fmt.Errorf("%s is empty: want the routing database's path", source("db", "EDGEPROXY_DB_PATH"))
+	}
+	if cfg.PinPath == "" {
+		return fmt.Errorf("%s is empty: want a directory on bpffs", source("bpf-pin-path", "EDGEPROXY_BPF_PIN_PATH"))
+	}
+	return nil
+}
+
+// checkHostPort accepts what the listener takes: host:port or :port with
+// a numeric port.
+func checkHostPort(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errors.New("want host:port, e.g. 0.0.0.0:8080")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("port %q: want a number from 0 to 65535", port)
+	}
+	return nil
 }
 
 // limitSettings are the health, retry, limit and timeout settings: whole
@@ -216,7 +281,6 @@ type intSetting struct {
 //   - max buffered 64 MiB: what a 1 GiB host can spare for queues in
 //     front of slow readers, and one bulk stream still gets 32 MiB.
 func (l *limitSettings) table() []intSetting {
-	const day = 86400
 	return []intSetting{
 		{"health-interval-secs", "EDGEPROXY_HEALTH_INTERVAL_SECS", "active TCP check period; 0 disables checks", 5, 0, day, &l.healthIntervalSecs},
 		{"health-timeout-ms", "EDGEPROXY_HEALTH_TIMEOUT_MS", "one check's connect timeout", 1000, 1, 60000, &l.healthTimeoutMS},
@@ -236,7 +300,7 @@ func (l *limitSettings) table() []intSetting {
 
 func (l *limitSettings) flags(f *pflag.FlagSet) {
 	for _, s := range l.table() {
-		f.IntVar(s.val, s.flag, s.def, fmt.Sprintf("%s (%s, default %d)", s.help, s.name, s.def))
+		decimalIntVar(f, s.val, s.flag, s.def, fmt.Sprintf("%s (%s, default %d)", s.help, s.name, s.def))
 	}
 }
 
@@ -277,6 +341,10 @@ func (l *limitSettings) apply(cfg *userspace.Config) {
 	cfg.StallTimeout = secs(l.stallSecs)
 	cfg.Workers = l.workers
 }
+
+// day is the ceiling, in seconds, of the settings counted in seconds that
+// have no natural one.
+const day = 86400
 
 // healthWorkers bounds the health probes in flight at once.
 const healthWorkers = 16

@@ -59,7 +59,9 @@ func wgSettingsFromEnv(e env) (s overlay.Settings, on bool, err error) {
 		}
 	}
 	if err := s.Validate(); err != nil {
-		return s, false, err
+		// Every other field was checked above: what Validate can
+		// still refuse is the interface name.
+		return s, false, fmt.Errorf("EDGEPROXY_WG_INTERFACE=%q: %w", s.Interface, err)
 	}
 	return s, true, nil
 }
