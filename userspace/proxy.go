@@ -477,6 +477,8 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	served := make(chan error, 1)
 	go func() { served <- p.plane.Serve(accept, stop, p.ln) }()
 	var drainTimer <-chan time.Time
+	var drainEnd time.Time // when the drain begun ends; zero: none begun
+	var predecessorDone chan struct{}
 	if h := p.cfg.Handover; h != nil {
 		// Serving on the shared sockets already: now the old process may
 		// stop accepting. Its counters arrive once it has.
@@ -493,7 +495,7 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 			p.log.Error("hand-over not committed, draining this process", "predecessor", h.PredecessorPID, "err", cerr)
 			p.accepting.Store(false)
 			stopAccepting()
-			drainTimer = time.After(p.cfg.Drain)
+			drainTimer, drainEnd = time.After(p.cfg.Drain), time.Now().Add(p.cfg.Drain)
 			p.closeHandoverFiles()
 			p.control.Close()
 			if p.cfg.OnServing != nil {
@@ -502,7 +504,11 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 		} else {
 			p.continueTotals(totals)
 			if totals != nil {
-				go p.followPredecessor(h, totals, initialActive)
+				predecessorDone = make(chan struct{})
+				go func() {
+					defer close(predecessorDone)
+					p.followPredecessor(h, totals, initialActive)
+				}()
 			}
 			if p.maps != nil {
 				if err := p.maps.PinConnectionMaps(); err != nil {
@@ -546,7 +552,7 @@ loop:
 				p.log.Info("handed over: draining, no new connections here", "successor", step.successor,
 					"active", p.plane.Stats().Active, "drain", p.cfg.Drain)
 				stopAccepting()
-				drainTimer = time.After(p.cfg.Drain)
+				drainTimer, drainEnd = time.After(p.cfg.Drain), time.Now().Add(p.cfg.Drain)
 			}
 			close(step.done)
 			replied = step.replied
@@ -569,10 +575,11 @@ loop:
 				p.control.Close()
 				stopAccepting()
 				if drainTimer == nil {
-					drainTimer = time.After(p.cfg.Drain)
+					drainTimer, drainEnd = time.After(p.cfg.Drain), time.Now().Add(p.cfg.Drain)
 				}
 			default:
 				p.log.Warn("second stop signal, closing the remaining connections", "signal", sig.String(), "active", p.plane.Stats().Active)
+				drainEnd = time.Time{} // stop now: wait for no predecessor either
 				stopAll()
 			}
 		}
@@ -596,6 +603,16 @@ loop:
 		select {
 		case <-replied:
 		case <-time.After(handoverWait):
+		}
+	}
+	if predecessorDone != nil && !drainEnd.IsZero() {
+		// A predecessor still draining sends its final counts here: wait
+		// for them so the final counts this process passes on include
+		// them. It began its drain before this one, so it ends before
+		// this process's own drain would: the wait never outlasts it.
+		select {
+		case <-predecessorDone:
+		case <-time.After(time.Until(drainEnd)):
 		}
 	}
 	p.sendFinalTotals()
