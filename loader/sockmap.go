@@ -64,6 +64,10 @@ type Sockmap struct {
 	slots    int
 	lock     *os.File
 	affinity *Affinity
+	// pinsOwned says the per-run pins are this process's: not yet for a
+	// successor whose hand-over is not committed, no longer once this
+	// process handed over. Close removes only pins it owns.
+	pinsOwned atomic.Bool
 }
 
 // perRunMaps hold state that means nothing once this process is gone (its
@@ -78,6 +82,17 @@ func (o *proxyObjects) perRunMaps() map[string]*ebpf.Map {
 		"backends":      o.Backends,
 	}
 }
+
+// connectionMaps are the per-run maps keyed by this process's sockets:
+// each process of a hand-over has its own, since a flow slot is an fd
+// number and a cookie pairing only means something to the process that
+// holds both sockets.
+var connectionMaps = []string{"sockets", "pairings", "flows", "verdicts"}
+
+// sharedMaps are the per-run maps both processes of a hand-over use at
+// once: the backend table with its live counts (so hard limits hold over
+// the two processes together) and the byte counters (so totals continue).
+var sharedMaps = []string{"backends", "backend_bytes"}
 
 // Open loads the data plane and pins its maps under pinPath. Pins left by a
 // process that died (even by SIGKILL) are replaced; a pin path held by a
@@ -99,11 +114,11 @@ func Open(pinPath string) (*Sockmap, error) {
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		lock.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("lock pin path %s: %w (stop it, or set EDGEPROXY_BPF_PIN_PATH)", pinPath, ErrAlreadyLoaded)
+			return nil, fmt.Errorf("lock pin path %s: %w (another edgeproxy holds it: stop it, replace it with edgeproxy upgrade, or set EDGEPROXY_BPF_PIN_PATH)", pinPath, ErrAlreadyLoaded)
 		}
 		return nil, fmt.Errorf("lock pin path %s: %w", pinPath, err)
 	}
-	s, err := load(pinPath)
+	s, err := load(pinPath, false)
 	if err != nil {
 		lock.Close()
 		return nil, err
@@ -112,7 +127,114 @@ func Open(pinPath string) (*Sockmap, error) {
 	return s, nil
 }
 
-func load(pinPath string) (*Sockmap, error) {
+// OpenHandedOver loads the data plane in a process taking over from a
+// running edgeproxy, with the pin-path lock that process passed over its
+// control socket. flock(2) locks belong to the open file description, so
+// the passed descriptor already holds the lock both processes now share;
+// an unrelated process still meets ErrAlreadyLoaded. The backends and
+// byte-counter maps (and affinity) are the pinned ones the running process
+// uses; a layout that differs from this binary's is ErrIncompatibleMaps
+// and nothing is changed. The connection maps are this process's own and
+// are pinned only by PinConnectionMaps, once the hand-over is committed:
+// until then the pins still show the running process.
+func OpenHandedOver(pinPath string, lock *os.File) (*Sockmap, error) {
+	if err := Probe(); err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return nil, fmt.Errorf("lock pin path %s with the handed-over descriptor: %w", pinPath, err)
+	}
+	s, err := load(pinPath, true)
+	if err != nil {
+		return nil, err
+	}
+	s.lock = lock
+	return s, nil
+}
+
+// ErrIncompatibleMaps says the pinned maps were made by an edgeproxy whose
+// map layout differs from this one's.
+var ErrIncompatibleMaps = errors.New("pinned maps have another layout than this edgeproxy's")
+
+// LockFile is the open pin directory whose flock guards the pin path: a
+// hand-over passes it to the successor.
+func (s *Sockmap) LockFile() *os.File { return s.lock }
+
+// HandedOver records that a successor owns the pins from now on: Close
+// releases this process's maps but removes no pin.
+func (s *Sockmap) HandedOver() { s.pinsOwned.Store(false) }
+
+// PinConnectionMaps replaces the pins of the connection maps with this
+// process's, once the predecessor has handed over.
+func (s *Sockmap) PinConnectionMaps() error {
+	all := s.objs.perRunMaps()
+	for _, name := range connectionMaps {
+		if err := replacePin(all[name], filepath.Join(s.PinPath, name)); err != nil {
+			return err
+		}
+	}
+	s.pinsOwned.Store(true)
+	return nil
+}
+
+func replacePin(m *ebpf.Map, path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove pin %s: %w", path, err)
+	}
+	if err := m.Pin(path); err != nil {
+		return fmt.Errorf("pin %s: %w", path, err)
+	}
+	return nil
+}
+
+// pinnedShared opens the shared maps the running process pinned and
+// checks each against this binary's spec.
+func pinnedShared(spec *ebpf.CollectionSpec, pinPath string) (map[string]*ebpf.Map, error) {
+	out := map[string]*ebpf.Map{}
+	fail := func(err error) (map[string]*ebpf.Map, error) {
+		for _, m := range out {
+			m.Close()
+		}
+		return nil, err
+	}
+	for _, name := range sharedMaps {
+		path := filepath.Join(pinPath, name)
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			return fail(fmt.Errorf("open pinned %s map %s of the running edgeproxy: %w", name, path, err))
+		}
+		out[name] = m
+		want := spec.Maps[name]
+		if os.Getenv(testSkewMapsEnv) != "" {
+			want = want.Copy()
+			want.ValueSize += 8
+		}
+		if err := sameLayout(m, want, path); err != nil {
+			return fail(err)
+		}
+	}
+	return out, nil
+}
+
+// testSkewMapsEnv, set in a test, makes this binary expect shared maps with
+// a larger value than the pinned ones: how an integration test plays a new
+// release whose map layout changed, without building one.
+const testSkewMapsEnv = "EDGEPROXY_TEST_SKEW_MAPS"
+
+// sameLayout compares a pinned map with the spec this binary would create.
+func sameLayout(m *ebpf.Map, want *ebpf.MapSpec, path string) error {
+	info, err := m.Info()
+	if err != nil {
+		return fmt.Errorf("inspect pinned map %s: %w", path, err)
+	}
+	if info.Type != want.Type || info.KeySize != want.KeySize || info.ValueSize != want.ValueSize || info.MaxEntries != want.MaxEntries || info.Flags != want.Flags {
+		return fmt.Errorf("pinned map %s is %s key %d value %d entries %d flags %#x, this edgeproxy needs %s key %d value %d entries %d flags %#x: %w",
+			path, info.Type, info.KeySize, info.ValueSize, info.MaxEntries, info.Flags, want.Type, want.KeySize, want.ValueSize, want.MaxEntries, want.Flags, ErrIncompatibleMaps)
+	}
+	return nil
+}
+
+func load(pinPath string, handover bool) (*Sockmap, error) {
 	spec, err := loadProxy()
 	if err != nil {
 		return nil, fmt.Errorf("load BPF spec: %w", err)
@@ -127,10 +249,23 @@ func load(pinPath string) (*Sockmap, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := &ebpf.CollectionOptions{}
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{}}
 	if affinity != nil {
-		opts.MapReplacements = map[string]*ebpf.Map{"affinity": affinity}
+		opts.MapReplacements["affinity"] = affinity
 		defer affinity.Close()
+	}
+	if handover {
+		if affinity == nil {
+			return nil, fmt.Errorf("open pinned affinity map of the running edgeproxy under %s: missing (%w)", pinPath, ErrIncompatibleMaps)
+		}
+		shared, err := pinnedShared(spec, pinPath)
+		if err != nil {
+			return nil, err
+		}
+		for name, m := range shared {
+			opts.MapReplacements[name] = m
+			defer m.Close()
+		}
 	}
 	var objs proxyObjects
 	if err := spec.LoadAndAssign(&objs, opts); err != nil {
@@ -171,15 +306,15 @@ func load(pinPath string) (*Sockmap, error) {
 			return fail(fmt.Errorf("pin %s: %w", path, err))
 		}
 	}
+	if handover {
+		return s, nil // shared maps keep their pins; connection maps wait for the commit
+	}
 	for name, m := range objs.perRunMaps() {
-		path := filepath.Join(pinPath, name)
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fail(fmt.Errorf("remove stale pin %s: %w", path, err))
-		}
-		if err := m.Pin(path); err != nil {
-			return fail(fmt.Errorf("pin %s: %w", path, err))
+		if err := replacePin(m, filepath.Join(pinPath, name)); err != nil {
+			return fail(err)
 		}
 	}
+	s.pinsOwned.Store(true)
 	return s, nil
 }
 
@@ -212,8 +347,14 @@ func (s *Sockmap) closeObjects() {
 // splice until they close.
 func (s *Sockmap) Close() error {
 	var errs []error
-	for name, m := range s.objs.perRunMaps() {
-		if err := m.Unpin(); err != nil {
+	// By path, not Map.Unpin: a map taken over from a predecessor's pin
+	// does not know its pin path.
+	for name := range s.objs.perRunMaps() {
+		if !s.pinsOwned.Load() {
+			break // the successor's pins, or the predecessor's (an aborted hand-over)
+		}
+		path := filepath.Join(s.PinPath, name)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
 		}
 	}
@@ -239,6 +380,20 @@ func (s *Sockmap) claimFlow(fd int, cookie uint64) {
 	f := s.flow(fd)
 	atomic.StoreUint64(&f.Cookie, cookie)
 	atomic.StoreUint64(&f.State, 0)
+}
+
+// releaseFlow empties the slot if the socket with this cookie still owns
+// it, so a closed connection leaves no flow behind (an operator or a test
+// counting flows in use sees only live ones); a slot already claimed by a
+// newer socket with the same fd is left alone.
+func (s *Sockmap) releaseFlow(fd int, cookie uint64) {
+	if fd < 0 || fd >= s.slots {
+		return
+	}
+	f := s.flow(fd)
+	if atomic.CompareAndSwapUint64(&f.Cookie, cookie, 0) {
+		atomic.StoreUint64(&f.State, 0)
+	}
 }
 
 // Pair connects the two sockets through the kernel. Both directions start
@@ -292,6 +447,8 @@ func (s *Sockmap) Unpair(pairs ...Pair) error {
 	keys := make([]uint64, 0, 2*len(pairs))
 	for _, p := range pairs {
 		keys = append(keys, p.ClientCookie, p.BackendCookie)
+		s.releaseFlow(p.ClientFD, p.ClientCookie)
+		s.releaseFlow(p.BackendFD, p.BackendCookie)
 	}
 	for len(keys) > 0 {
 		n, err := s.objs.Pairings.BatchDelete(keys, nil)
@@ -418,6 +575,31 @@ func CountPinned(pinPath string) (sockets, pairings int, err error) {
 		}
 	}
 	return sockets, pairings, nil
+}
+
+// CountPinnedFlows counts the flow slots owned by a socket (cookie set) in
+// the flows map pinned under pinPath: with no connection open it is zero.
+func CountPinnedFlows(pinPath string) (int, error) {
+	path := filepath.Join(pinPath, "flows")
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return 0, fmt.Errorf("open pinned map %s: %w", path, err)
+	}
+	defer m.Close()
+	size := pageAlign(int(m.MaxEntries()) * int(unsafe.Sizeof(proxyFlow{})))
+	mem, err := unix.Mmap(m.FD(), 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return 0, fmt.Errorf("mmap %s: %w", path, err)
+	}
+	defer unix.Munmap(mem)
+	n := 0
+	for i := 0; i < int(m.MaxEntries()); i++ {
+		f := (*proxyFlow)(unsafe.Pointer(&mem[i*int(unsafe.Sizeof(proxyFlow{}))]))
+		if atomic.LoadUint64(&f.Cookie) != 0 {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // ensureBPFFS mounts bpffs at dir when nothing is mounted there, as Cilium

@@ -84,17 +84,79 @@ func (s *Sockmap) SetBackend(index uint32, b BackendInfo) error {
 // ClearBackend empties a slot whose backend left the routing table.
 func (s *Sockmap) ClearBackend(index uint32) {
 	if index < MaxBackends {
-		active := atomic.LoadUint32(&s.backendSlot(index).Active)
-		*s.backendSlot(index) = proxyBackendInfo{Active: active}
+		// Field by field: the live count is another process's too, and a
+		// whole-struct store could undo an add it makes meanwhile.
+		slot := s.backendSlot(index)
+		slot.Id, slot.Addr, slot.Port, slot.Healthy = [BackendIDLen]int8{}, [16]uint8{}, 0, 0
+		slot.Weight, slot.SoftLimit, slot.HardLimit = 0, 0, 0
 	}
 }
 
-// StoreActive records a backend's live connection count; a memory store,
-// no system call, so it can run on every open and close.
-func (s *Sockmap) StoreActive(index uint32, active uint32) {
-	if index < MaxBackends {
-		atomic.StoreUint32(&s.backendSlot(index).Active, active)
+// The live count of a slot is shared by every process using the backends
+// map: during a hand-over the old and the new process both hold
+// connections to a backend, and its hard limit counts them together. So the
+// count is only ever changed by atomic adds on the mmapped word, never
+// stored whole: a store would erase the other process's connections.
+
+// ActiveOf is the backend's live connection count over every process
+// sharing the map; a memory load, no system call.
+func (s *Sockmap) ActiveOf(index uint32) uint32 {
+	if index >= MaxBackends {
+		return 0
 	}
+	return atomic.LoadUint32(&s.backendSlot(index).Active)
+}
+
+// ReserveActive takes one connection slot on the backend unless that would
+// reach past hardLimit (0: no limit): a compare-and-swap on the shared
+// word, so two processes deciding at once cannot both take the last slot.
+func (s *Sockmap) ReserveActive(index uint32, hardLimit uint32) bool {
+	if index >= MaxBackends {
+		return true
+	}
+	word := &s.backendSlot(index).Active
+	for {
+		cur := atomic.LoadUint32(word)
+		if hardLimit > 0 && cur >= hardLimit {
+			return false
+		}
+		if atomic.CompareAndSwapUint32(word, cur, cur+1) {
+			return true
+		}
+	}
+}
+
+// ReleaseActive gives one connection slot back; it never goes below zero.
+func (s *Sockmap) ReleaseActive(index uint32) {
+	if index >= MaxBackends {
+		return
+	}
+	word := &s.backendSlot(index).Active
+	for {
+		cur := atomic.LoadUint32(word)
+		if cur == 0 || atomic.CompareAndSwapUint32(word, cur, cur-1) {
+			return
+		}
+	}
+}
+
+// BackendSlots lists the slots in use in the map: backends by id, and
+// slots with no backend but live connections (a backend removed while a
+// predecessor still held connections to it). A process taking over keeps
+// the same slots, so both count into the same words.
+func (s *Sockmap) BackendSlots() (byID map[string]uint32, busy []uint32) {
+	byID = map[string]uint32{}
+	for i := uint32(0); i < MaxBackends; i++ {
+		slot := s.backendSlot(i)
+		id := idString(slot.Id)
+		switch {
+		case id != "":
+			byID[id] = i
+		case atomic.LoadUint32(&slot.Active) > 0:
+			busy = append(busy, i)
+		}
+	}
+	return byID, busy
 }
 
 // Affinity is the pinned client -> backend binding map with a bounded

@@ -90,9 +90,15 @@ func (l *Lease) Attempts() int { return len(l.tried) + 1 }
 // Release frees the lease's slot. Safe to call more than once.
 func (l *Lease) Release() {
 	if l.released.CompareAndSwap(false, true) {
-		active := l.state.active.Add(-1)
-		if l.balancer != nil && l.balancer.Mirror != nil {
-			l.balancer.Mirror.StoreActive(l.state.index, uint32(max(active, 0)))
+		l.state.active.Add(-1)
+		if b := l.balancer; b != nil && b.Mirror != nil {
+			b.Mirror.ReleaseActive(l.state.index)
+			if b.handedOver.Load() {
+				select { // the successor hears of it (reportActive)
+				case b.released <- struct{}{}:
+				default:
+				}
+			}
 		}
 	}
 }
@@ -118,8 +124,10 @@ type Balancer struct {
 	freeSlots []uint32       // BPF slots of backends gone and idle, guarded by mu
 	nextSlot  uint32         // guarded by mu
 
-	bindings       atomic.Int64 // bindings held: counted at each sweep, plus new ones since
-	newBindings    atomic.Int64 // entries ever added: a sweep whose walk saw none added is exact
+	handedOver     atomic.Bool   // a successor owns the shared backend table
+	released       chan struct{} // set before handedOver: a release since the last report
+	bindings       atomic.Int64  // bindings held: counted at each sweep, plus new ones since
+	newBindings    atomic.Int64  // entries ever added: a sweep whose walk saw none added is exact
 	affinityErrors atomic.Uint64
 
 	mu       sync.Mutex // serializes decide+reserve so hard limits hold
@@ -300,29 +308,58 @@ func (b *Balancer) Acquire(client netip.Addr) (*Lease, routing.RejectReason) {
 	in := routing.Input{
 		Client:      c,
 		LocalRegion: b.LocalRegion,
-		Active:      func(i int) int { return int(v.states[i].active.Load()) },
+		Active:      func(i int) int { return int(b.activeOf(v.states[i])) },
 		BoundID:     bound,
 	}
-	winner, sticky, reject := routing.Pick(&in, t)
-	if winner < 0 {
-		b.mu.Unlock()
-		b.countReject(reject)
-		return nil, reject
+	var lease *Lease
+	var sticky bool
+	for range reserveAttempts {
+		var winner int
+		var reject routing.RejectReason
+		winner, sticky, reject = routing.Pick(&in, t)
+		if winner < 0 {
+			b.mu.Unlock()
+			b.countReject(reject)
+			return nil, reject
+		}
+		if lease = b.reserve(v, winner); lease != nil {
+			break
+		}
 	}
-	lease := b.reserve(v, winner)
 	b.mu.Unlock()
+	if lease == nil {
+		b.countReject(routing.RejectAllAtHardLimit)
+		return nil, routing.RejectAllAtHardLimit
+	}
 	lease.Client, lease.Sticky, lease.lastUsed, lease.hadEntry = c, sticky, lastUsed, hadEntry
 	return lease, ""
 }
 
-// reserve takes a slot on the view's backend i. Called with mu held.
+// reserveAttempts bounds how often a decision is taken again after
+// another process took a backend's last slot between the pick and the
+// reservation; each attempt sees that backend fuller.
+const reserveAttempts = 8
+
+// activeOf is the backend's live count the decision uses: over every
+// process sharing the backends map (the two of a hand-over), else this
+// process's own.
+func (b *Balancer) activeOf(st *backendState) int64 {
+	if b.Mirror != nil {
+		return int64(b.Mirror.ActiveOf(st.index))
+	}
+	return st.active.Load()
+}
+
+// reserve takes a slot on the view's backend i, or returns nil when
+// another process sharing the backends map took its last slot since the
+// pick. Called with mu held.
 func (b *Balancer) reserve(v *tableView, i int) *Lease {
 	st := v.states[i]
-	active := st.active.Add(1)
-	st.total.Add(1)
-	if b.Mirror != nil {
-		b.Mirror.StoreActive(st.index, uint32(active))
+	if b.Mirror != nil && !b.Mirror.ReserveActive(st.index, uint32(max(v.table.Backends[i].HardLimit, 0))) {
+		return nil
 	}
+	st.active.Add(1)
+	st.total.Add(1)
 	return &Lease{Backend: v.table.Backends[i], state: st, balancer: b, eligible: b.eff.eligible}
 }
 
@@ -336,27 +373,35 @@ func (b *Balancer) AcquireNext(prev *Lease) (*Lease, routing.RejectReason) {
 	b.mu.Lock()
 	t := b.routingTable()
 	v := b.viewFor(t)
-	d := routing.Explain(routing.Input{
-		Client:      prev.Client,
-		LocalRegion: b.LocalRegion,
-		Active:      func(i int) int { return int(v.states[i].active.Load()) },
-	}, t)
-	best := -1
-	for i := range d.Candidates {
-		c := &d.Candidates[i]
-		if c.Excluded != "" || slices.Contains(tried, t.Backends[c.Index].ID) {
-			continue
+	var lease *Lease
+	for range reserveAttempts {
+		d := routing.Explain(routing.Input{
+			Client:      prev.Client,
+			LocalRegion: b.LocalRegion,
+			Active:      func(i int) int { return int(b.activeOf(v.states[i])) },
+		}, t)
+		best := -1
+		for i := range d.Candidates {
+			c := &d.Candidates[i]
+			if c.Excluded != "" || slices.Contains(tried, t.Backends[c.Index].ID) {
+				continue
+			}
+			if best < 0 || betterCandidate(t, c, &d.Candidates[best]) {
+				best = i
+			}
 		}
-		if best < 0 || betterCandidate(t, c, &d.Candidates[best]) {
-			best = i
+		if best < 0 {
+			break
+		}
+		if lease = b.reserve(v, d.Candidates[best].Index); lease != nil {
+			break
 		}
 	}
-	if best < 0 {
+	if lease == nil {
 		b.mu.Unlock()
 		b.countReject(RejectAllDialsFailed)
 		return nil, RejectAllDialsFailed
 	}
-	lease := b.reserve(v, d.Candidates[best].Index)
 	b.mu.Unlock()
 	lease.Client, lease.tried, lease.hadEntry = prev.Client, tried, prev.hadEntry
 	return lease, ""
@@ -423,6 +468,9 @@ func (b *Balancer) Bindings() int {
 // to the BPF backends map, so bpftool shows a reload at once. Backends
 // gone from the table with no connection left give their slot back.
 func (b *Balancer) Refresh() error {
+	if b.handedOver.Load() {
+		return nil // the successor keeps the shared table now
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	t := b.routingTable()
@@ -436,8 +484,8 @@ func (b *Balancer) Refresh() error {
 		if b.Mirror != nil {
 			b.Mirror.ClearBackend(st.index)
 		}
-		if st.active.Load() > 0 {
-			continue // its connections still count bytes into the slot
+		if b.activeOf(st) > 0 || st.active.Load() > 0 {
+			continue // its connections (or a predecessor's) still count into the slot
 		}
 		if r, ok := b.Mirror.(interface{ ResetBackendBytes(uint32) error }); ok {
 			if err := r.ResetBackendBytes(st.index); err != nil {
@@ -460,7 +508,6 @@ func (b *Balancer) Refresh() error {
 		}); err != nil {
 			errs = append(errs, err)
 		}
-		b.Mirror.StoreActive(st.index, uint32(max(st.active.Load(), 0)))
 	}
 	return errors.Join(errs...)
 }
@@ -593,7 +640,43 @@ func (a *memoryAffinity) Sweep(keep func(string, time.Time) bool) (remaining, re
 type BackendMirror interface {
 	SetBackend(index uint32, b loader.BackendInfo) error
 	ClearBackend(index uint32)
-	StoreActive(index uint32, active uint32)
+	// ActiveOf, ReserveActive and ReleaseActive keep the live counts that
+	// hard limits act on, shared by both processes of a hand-over.
+	ActiveOf(index uint32) uint32
+	ReserveActive(index uint32, hardLimit uint32) bool
+	ReleaseActive(index uint32)
+}
+
+// AdoptSlots takes over the backend slots a predecessor used (from the
+// shared backends map), so both processes count a backend into the same
+// slot: ids keep their slot, and slots still counting a removed backend's
+// connections are never handed out. Call it before the first decision.
+func (b *Balancer) AdoptSlots(byID map[string]uint32, busy []uint32) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.byID == nil {
+		b.byID = map[string]*backendState{}
+	}
+	used := map[uint32]bool{}
+	for _, i := range busy {
+		used[i] = true
+	}
+	for id, i := range byID {
+		st := &backendState{id: id, index: i}
+		st.health.since = b.Now()
+		b.byID[id] = st
+		used[i] = true
+	}
+	b.view = nil
+	for i := range used {
+		b.nextSlot = max(b.nextSlot, i+1)
+	}
+	b.freeSlots = b.freeSlots[:0]
+	for i := b.nextSlot; i > 0; i-- {
+		if !used[i-1] {
+			b.freeSlots = append(b.freeSlots, i-1)
+		}
+	}
 }
 
 // ScoreOf recomputes the winning score of a lease for debug logs; it costs
@@ -614,4 +697,59 @@ func (b *Balancer) ScoreOf(l *Lease) float64 {
 		}
 	}
 	return -1
+}
+
+// addTotals continues a predecessor's counters (a hand-over): each backend
+// this process knows adds the totals the old process reported for it.
+func (b *Balancer) addTotals(t *handoverTotals) {
+	b.mu.Lock()
+	for id, bt := range t.Backends {
+		st, ok := b.byID[id]
+		if !ok {
+			continue // gone from the table: its series ends here
+		}
+		st.total.Add(bt.Total)
+		st.connectErrs.Add(bt.ConnectErrs)
+		st.bytesIn.Add(bt.BytesIn)
+		st.bytesOut.Add(bt.BytesOut)
+		st.retries.Add(bt.Retries)
+		st.health.checksOK.Add(bt.ChecksOK)
+		st.health.checksFail.Add(bt.ChecksFailed)
+	}
+	b.mu.Unlock()
+	for reason, n := range t.Rejected {
+		c, _ := b.rejected.LoadOrStore(routing.RejectReason(reason), new(atomic.Uint64))
+		c.(*atomic.Uint64).Add(n)
+	}
+}
+
+// HandedOver stops the balancer writing the backend table it shares with
+// a successor (which now keeps it); releases still count down, and each
+// is signalled on released from now on.
+func (b *Balancer) HandedOver() {
+	b.released = make(chan struct{}, 1)
+	b.handedOver.Store(true)
+}
+
+// releaseShared takes a dead predecessor's connections out of the shared
+// live counts: n per backend id, in the slot both processes use. It
+// returns how many it took out.
+func (b *Balancer) releaseShared(active map[string]int64) int64 {
+	if b.Mirror == nil {
+		return 0
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var total int64
+	for id, n := range active {
+		st, ok := b.byID[id]
+		if !ok {
+			continue
+		}
+		for range n {
+			b.Mirror.ReleaseActive(st.index)
+		}
+		total += n
+	}
+	return total
 }

@@ -57,10 +57,28 @@ func (m *recordingMirror) ClearBackend(i uint32) {
 	m.cleared = append(m.cleared, i)
 }
 
-func (m *recordingMirror) StoreActive(i, n uint32) {
+func (m *recordingMirror) ActiveOf(i uint32) uint32 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.active[i] = n
+	return m.active[i]
+}
+
+func (m *recordingMirror) ReserveActive(i, hard uint32) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if hard > 0 && m.active[i] >= hard {
+		return false
+	}
+	m.active[i]++
+	return true
+}
+
+func (m *recordingMirror) ReleaseActive(i uint32) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.active[i] > 0 {
+		m.active[i]--
+	}
 }
 
 func (m *recordingMirror) ResetBackendBytes(i uint32) error {
@@ -518,5 +536,89 @@ func TestConnectBudgetSplitsOverBackendsThatCanBeTried(t *testing.T) {
 	}
 	if got := next.AttemptsLeft(0); got != 1 {
 		t.Fatalf("no retries: %d attempts left, want 1", got)
+	}
+}
+
+// Two processes of a hand-over share the backends map: a hard limit holds
+// over the connections of both, and a slot freed in one is usable in the
+// other.
+func TestHardLimitSharedByTwoProcesses(t *testing.T) {
+	limited := backend("b1", "BR", 9000)
+	limited.HardLimit = 3
+	old, _, shared, _ := newTestBalancer(t, limited)
+	if err := old.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	var held []*Lease
+	for range 2 {
+		held = append(held, mustAcquire(t, old))
+	}
+	slots, busy := map[string]uint32{"b1": held[0].state.index}, []uint32(nil)
+	successor, _, _, _ := newTestBalancer(t, limited)
+	successor.Mirror = shared
+	successor.AdoptSlots(slots, busy)
+	if err := successor.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	if got := successor.byID["b1"].index; got != held[0].state.index {
+		t.Fatalf("successor put b1 in slot %d, the old process counts it in slot %d", got, held[0].state.index)
+	}
+	third := mustAcquire(t, successor)
+	if l, reason := successor.Acquire(client); l != nil || reason != routing.RejectAllAtHardLimit {
+		t.Fatalf("fourth connection over both processes: lease %v reason %q, want refused all_at_hard_limit", l != nil, reason)
+	}
+	if l, _ := old.Acquire(client); l != nil {
+		t.Fatal("the old process admitted a fourth connection over both processes")
+	}
+	held[0].Release()
+	fourth := mustAcquire(t, successor)
+	if n := shared.ActiveOf(third.state.index); n != 3 {
+		t.Fatalf("shared live count %d, want 3", n)
+	}
+	for _, l := range []*Lease{held[1], third, fourth} {
+		l.Release()
+	}
+	if n := shared.ActiveOf(third.state.index); n != 0 {
+		t.Fatalf("shared live count %d after every release, want 0", n)
+	}
+}
+
+// racingMirror plays the other process of a hand-over taking a slot on
+// raceOn between this process's pick and its reservation, once.
+type racingMirror struct {
+	*recordingMirror
+	raceOn uint32
+	raced  bool
+}
+
+func (m *racingMirror) ReserveActive(i, hard uint32) bool {
+	if i == m.raceOn && !m.raced {
+		m.raced = true
+		m.recordingMirror.ReserveActive(i, hard)
+	}
+	return m.recordingMirror.ReserveActive(i, hard)
+}
+
+// A reservation that loses the race for a backend's last slot to the
+// other process decides again instead of overshooting.
+func TestReserveLostRaceDecidesAgain(t *testing.T) {
+	full := backend("full", "BR", 9000)
+	full.HardLimit = 1
+	spare := backend("spare", "BR", 9001)
+	b, _, shared, _ := newTestBalancer(t, full, spare)
+	if err := b.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	racing := &racingMirror{recordingMirror: shared, raceOn: b.byID["full"].index}
+	b.Mirror = racing
+	l := mustAcquire(t, b)
+	if !racing.raced {
+		t.Fatal("the pick never tried full: the test does not race")
+	}
+	if l.Backend.ID != "spare" {
+		t.Fatalf("picked %s, whose only slot the other process took", l.Backend.ID)
+	}
+	if n := shared.ActiveOf(b.byID["full"].index); n != 1 {
+		t.Fatalf("full counts %d connections, want the other process's 1", n)
 	}
 }

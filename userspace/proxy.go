@@ -3,6 +3,7 @@
 package userspace
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -61,6 +63,15 @@ type Config struct {
 	Collectors []prometheus.Collector
 	// Etcd, if set, reports the etcd follower for /status.
 	Etcd func() EtcdStatus
+	// Handover, if set, holds the sockets a running edgeproxy handed to
+	// this process (`edgeproxy upgrade`): New serves on them instead of
+	// binding, and Run commits the hand-over once it serves.
+	Handover *Handover
+	// OnServing, if set, is called once Run serves (and, in a hand-over,
+	// the predecessor stopped accepting), with the predecessor's pid or 0;
+	// or with the error of a hand-over that could not be committed (this
+	// process then drains what it accepted and the old one serves on).
+	OnServing func(predecessor int, err error)
 }
 
 // Proxy is a configured, listening edgeproxy.
@@ -86,7 +97,21 @@ type Proxy struct {
 	extraCollectors []prometheus.Collector
 	// headerRefusals counts refused PROXY headers by cause.
 	headerRefusals headerRefusalCounts
+
+	maps    *loader.Sockmap   // nil: no BPF state
+	control *net.UnixListener // hand-over requests from a successor
+	// handoverFiles duplicate the sockets a successor takes over; closed
+	// once handed over.
+	handoverMu    sync.Mutex
+	handoverFiles handoverFiles
+	handingOver   atomic.Bool
+	handoverReq   chan handoverStep
+	accepting     atomic.Bool
+	successor     *net.UnixConn // to send the final counters on, guarded by handoverMu
 }
+
+// draining says this process no longer accepts.
+func (p *Proxy) draining() bool { return !p.accepting.Load() }
 
 // New opens the routing database and geo database, picks the data plane and
 // binds the listen address. Every failure names its cause.
@@ -114,21 +139,10 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		Health: cfg.Health, Log: log}
 
 	p.reloads.record(nil)
-	if cfg.AdminAddr != "" {
-		aln, err := net.Listen("tcp", cfg.AdminAddr)
-		if err != nil {
-			return nil, fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
-		}
-		p.adminLn = aln
+	p.handoverReq = make(chan handoverStep)
+	if err := p.listen(); err != nil {
+		return nil, err
 	}
-	ln, err := net.Listen("tcp", cfg.ListenAddr)
-	if err != nil {
-		if p.adminLn != nil {
-			p.adminLn.Close()
-		}
-		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
-	}
-	p.ln = ln.(*net.TCPListener)
 	// Keepalive is set on the listener before anything is accepted: the
 	// sockmap plane's clients inherit it from there, also those that
 	// connect the instant the proxy says it serves.
@@ -151,9 +165,13 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		proxyHeaders: proxyHeaderPolicy{from: cfg.ProxyProtocolFrom, timeout: cfg.ProxyProtocolTimeout, refused: &p.headerRefusals},
 	}
 	if err := p.choosePlane(env); err != nil {
-		p.ln.Close()
-		if p.adminLn != nil {
-			p.adminLn.Close()
+		p.closeListeners()
+		return nil, err
+	}
+	if err := p.keepForHandover(); err != nil {
+		p.closeListeners()
+		if p.closePlane != nil {
+			p.closePlane()
 		}
 		return nil, err
 	}
@@ -174,6 +192,109 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 		p.admin = p.newAdminServer()
 	}
 	return p, nil
+}
+
+// listen binds the listening, admin and control sockets, or takes them
+// from the hand-over. Taken over, they are the very sockets the running
+// process accepts on: its accept queue is shared, nothing is rebound.
+func (p *Proxy) listen() error {
+	cfg := p.cfg
+	if h := cfg.Handover; h != nil {
+		p.ln, p.control = h.Listener, h.Control
+		switch {
+		case h.Admin != nil && cfg.AdminAddr == "":
+			h.Admin.Close() // admin HTTP turned off by this configuration
+		case h.Admin != nil:
+			p.adminLn = h.Admin
+		case cfg.AdminAddr != "":
+			aln, err := net.Listen("tcp", cfg.AdminAddr)
+			if err != nil {
+				return fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
+			}
+			p.adminLn = aln
+		}
+		return nil
+	}
+	if cfg.AdminAddr != "" {
+		aln, err := net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			return fmt.Errorf("admin listen on %s: %w", cfg.AdminAddr, err)
+		}
+		p.adminLn = aln
+	}
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		p.closeListeners()
+		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
+	}
+	p.ln = ln.(*net.TCPListener)
+	if p.control, err = listenControl(cfg.ListenAddr); err != nil {
+		p.closeListeners()
+		return err
+	}
+	return nil
+}
+
+func (p *Proxy) closeListeners() {
+	if p.ln != nil {
+		p.ln.Close()
+	}
+	if p.adminLn != nil {
+		p.adminLn.Close()
+	}
+	if p.control != nil {
+		p.control.Close()
+	}
+	if h := p.cfg.Handover; h != nil && h.Lock != nil && p.maps == nil {
+		h.Lock.Close()
+	}
+}
+
+// keepForHandover duplicates what a successor will take over.
+func (p *Proxy) keepForHandover() error {
+	add := func(name string, ln net.Listener) error {
+		f, err := listenerFile(ln)
+		if err != nil {
+			return fmt.Errorf("keep the %s socket for a hand-over: %w", name, err)
+		}
+		p.handoverFiles.add(name, f)
+		return nil
+	}
+	if err := add("listener", p.ln); err != nil {
+		return err
+	}
+	if p.adminLn != nil {
+		if err := add("admin", p.adminLn); err != nil {
+			p.handoverFiles.close()
+			return err
+		}
+	}
+	if err := add("control", p.control); err != nil {
+		p.handoverFiles.close()
+		return err
+	}
+	if p.maps != nil {
+		lock, err := dupFile(p.maps.LockFile())
+		if err != nil {
+			p.handoverFiles.close()
+			return fmt.Errorf("keep the pin lock for a hand-over: %w", err)
+		}
+		p.handoverFiles.add("lock", lock)
+	}
+	return nil
+}
+
+func dupFile(f *os.File) (*os.File, error) {
+	orig, err := rawFD(f)
+	if err != nil {
+		return nil, err
+	}
+	fd, err := syscall.Dup(orig)
+	if err != nil {
+		return nil, err
+	}
+	syscall.CloseOnExec(fd)
+	return os.NewFile(uintptr(fd), f.Name()), nil
 }
 
 // SelfCheck reports whether a backend address is this proxy's own
@@ -264,13 +385,28 @@ func openFiles() int {
 // choosePlane loads the BPF state where BPF is usable (it also holds the
 // backends and affinity maps operators inspect) and picks the data plane.
 func (p *Proxy) choosePlane(env planeEnv) error {
-	maps, err := loader.Open(p.cfg.PinPath)
-	if err != nil && (p.cfg.Dataplane == "sockmap" || errors.Is(err, loader.ErrAlreadyLoaded)) {
-		return fmt.Errorf("data plane sockmap: %w", err)
+	var maps *loader.Sockmap
+	var err error
+	if h := p.cfg.Handover; h != nil && h.Lock != nil {
+		// The running process holds BPF state: share it or refuse the
+		// hand-over, never fall back to a plane with counts of its own.
+		if maps, err = loader.OpenHandedOver(p.cfg.PinPath, h.Lock); err != nil {
+			return fmt.Errorf("take over the BPF state of pid %d: %w", h.PredecessorPID, err)
+		}
+		h.Lock = nil // the loader owns it now
+	} else {
+		maps, err = loader.Open(p.cfg.PinPath)
+		if err != nil && (p.cfg.Dataplane == "sockmap" || errors.Is(err, loader.ErrAlreadyLoaded)) {
+			return fmt.Errorf("data plane sockmap: %w", err)
+		}
 	}
 	if maps != nil {
+		p.maps = maps
 		p.closePlane = maps.Close
 		p.balancer.Affinity, p.balancer.Mirror = maps.Affinity(), maps
+		if p.cfg.Handover != nil {
+			p.balancer.AdoptSlots(maps.BackendSlots())
+		}
 	} else {
 		p.balancer.Affinity = newMemoryAffinity()
 	}
@@ -344,19 +480,89 @@ func (p *Proxy) Run(signals <-chan os.Signal) error {
 	if p.balancer.Affinity != nil {
 		go every(stop, p.cfg.BindingGC, p.sweepBindings)
 	}
-	if p.admin != nil {
-		go p.serveAdmin()
-	}
-
+	p.accepting.Store(true)
 	served := make(chan error, 1)
 	go func() { served <- p.plane.Serve(accept, stop, p.ln) }()
 	var drainTimer <-chan time.Time
+	var drainEnd time.Time // when the drain begun ends; zero: none begun
+	var predecessorDone chan struct{}
+	if h := p.cfg.Handover; h != nil {
+		// Serving on the shared sockets already: now the old process may
+		// stop accepting. Its counters arrive once it has.
+		totals, initialActive, cerr := h.Commit()
+		if cerr != nil && !processAlive(h.PredecessorPID) {
+			// It ended (crashed, or was killed) after this process asked:
+			// nobody else serves, so this one does, from zero counts.
+			p.log.Warn("previous process ended during the hand-over: serving without its counters", "predecessor", h.PredecessorPID, "err", cerr)
+			cerr = nil
+		}
+		if cerr != nil {
+			// The old one may still accept: two servers would each think
+			// they own the pins. Drain this one; the old keeps serving.
+			p.log.Error("hand-over not committed, draining this process", "predecessor", h.PredecessorPID, "err", cerr)
+			p.accepting.Store(false)
+			stopAccepting()
+			drainTimer, drainEnd = time.After(p.cfg.Drain), time.Now().Add(p.cfg.Drain)
+			p.closeHandoverFiles()
+			p.control.Close()
+			if p.cfg.OnServing != nil {
+				p.cfg.OnServing(h.PredecessorPID, cerr)
+			}
+		} else {
+			p.continueTotals(totals)
+			if totals != nil {
+				predecessorDone = make(chan struct{})
+				go func() {
+					defer close(predecessorDone)
+					p.followPredecessor(h, totals, initialActive)
+				}()
+			}
+			if p.maps != nil {
+				if err := p.maps.PinConnectionMaps(); err != nil {
+					p.log.Warn("cannot pin the connection maps", "err", err)
+				}
+			}
+			p.log.Info("took over from the previous process", "predecessor", h.PredecessorPID)
+		}
+	}
+	if p.admin != nil && drainTimer == nil {
+		go p.serveAdmin()
+	}
+	if drainTimer == nil {
+		go p.serveControl()
+		state := "READY=1"
+		predecessor := 0
+		if p.cfg.Handover != nil {
+			predecessor = p.cfg.Handover.PredecessorPID
+			state = fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid())
+		}
+		if err := sdNotify(state); err != nil {
+			p.log.Warn("cannot notify systemd", "err", err)
+		}
+		if p.cfg.OnServing != nil {
+			p.cfg.OnServing(predecessor, nil)
+		}
+	}
 	var err error
+	stopSignalled := false
+	var replied chan struct{} // closed once a successor has its answer
 loop:
 	for {
 		select {
 		case err = <-served:
 			break loop
+		case step := <-p.handoverReq:
+			// Even when a stop signal began the drain already: the pins
+			// are the successor's from now on.
+			p.handOver()
+			if drainTimer == nil {
+				p.log.Info("handed over: draining, no new connections here", "successor", step.successor,
+					"active", p.plane.Stats().Active, "drain", p.cfg.Drain)
+				stopAccepting()
+				drainTimer, drainEnd = time.After(p.cfg.Drain), time.Now().Add(p.cfg.Drain)
+			}
+			close(step.done)
+			replied = step.replied
 		case <-drainTimer:
 			p.log.Warn("drain time over, closing the remaining connections", "active", p.plane.Stats().Active)
 			stopAll()
@@ -364,19 +570,32 @@ loop:
 			switch {
 			case sig == syscall.SIGHUP:
 				p.reloadNow()
-			case accept.Err() == nil:
+			case !stopSignalled:
+				// The first stop signal drains, also in a process that is
+				// draining after a hand-over already (`systemctl stop`
+				// signals every process of the unit): its drain goes on.
+				stopSignalled = true
 				p.log.Info("draining: no new connections, waiting for established ones",
 					"signal", sig.String(), "active", p.plane.Stats().Active, "drain", p.cfg.Drain)
+				p.accepting.Store(false)
+				p.closeHandoverFiles()
+				p.control.Close()
 				stopAccepting()
-				drainTimer = time.After(p.cfg.Drain)
+				if drainTimer == nil {
+					drainTimer, drainEnd = time.After(p.cfg.Drain), time.Now().Add(p.cfg.Drain)
+				}
 			default:
 				p.log.Warn("second stop signal, closing the remaining connections", "signal", sig.String(), "active", p.plane.Stats().Active)
+				drainEnd = time.Time{} // stop now: wait for no predecessor either
 				stopAll()
 			}
 		}
 	}
+	p.accepting.Store(false)
 	stopAccepting()
 	stopAll()
+	p.closeHandoverFiles()
+	p.control.Close()
 	if p.admin != nil {
 		p.admin.Close()
 	}
@@ -385,8 +604,88 @@ loop:
 			err = errors.Join(err, fmt.Errorf("release data plane: %w", cerr))
 		}
 	}
+	if replied != nil {
+		// This process may have nothing left to drain: it must still
+		// answer the successor, which waits for the answer to serve on.
+		select {
+		case <-replied:
+		case <-time.After(handoverWait):
+		}
+	}
+	if predecessorDone != nil && !drainEnd.IsZero() {
+		// A predecessor still draining sends its final counts here: wait
+		// for them so the final counts this process passes on include
+		// them. It began its drain before this one, so it ends before
+		// this process's own drain would: the wait never outlasts it.
+		select {
+		case <-predecessorDone:
+		case <-time.After(time.Until(drainEnd)):
+		}
+	}
+	p.sendFinalTotals()
 	p.log.Info("edgeproxy stopped")
 	return err
+}
+
+// followPredecessor waits for the process that handed over to end. Its
+// final counters continue this process's; if it died without them
+// (SIGKILL during its drain), the connections it last reported are taken
+// out of the shared live counts, or hard limits would stay lower until
+// the next fresh start.
+func (p *Proxy) followPredecessor(h *Handover, totals *handoverTotals, initialActive map[string]int64) {
+	final, active := h.finalTotals(initialActive)
+	if final != nil {
+		p.continueTotals(final.since(totals))
+		return
+	}
+	n := p.balancer.releaseShared(active)
+	p.log.Warn("previous process ended without handing over its final counts (killed?): its connections no longer count against limits",
+		"predecessor", h.PredecessorPID, "connections", n)
+}
+
+// processAlive says whether pid still runs: a zombie (ended, not yet
+// reaped by its parent) does not.
+func processAlive(pid int) bool {
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist)
+	}
+	// The state follows the command name in parentheses, which may
+	// itself hold ") ".
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) {
+		return stat[i+2] != 'Z' && stat[i+2] != 'X'
+	}
+	return true
+}
+
+// HandedOver says a successor took over from this process: what the two
+// share (pins, the WireGuard interface) is the successor's now.
+func (p *Proxy) HandedOver() bool { return p.balancer.handedOver.Load() }
+
+// handOver stops this process's part in serving new clients once a
+// successor serves: no more admin HTTP or control requests here (the
+// successor answers on the same sockets), no writes to the shared backend
+// table, the pins left to the successor. Established connections go on.
+func (p *Proxy) handOver() {
+	p.accepting.Store(false)
+	if p.maps != nil {
+		p.maps.HandedOver()
+	}
+	p.balancer.HandedOver()
+	if p.admin != nil {
+		p.admin.Close()
+	}
+	p.control.Close()
+	p.closeHandoverFiles()
+}
+
+func (p *Proxy) closeHandoverFiles() {
+	p.handoverMu.Lock()
+	defer p.handoverMu.Unlock()
+	p.handoverFiles.close()
 }
 
 // reloadNow applies the routing and geo databases as they are on disk.

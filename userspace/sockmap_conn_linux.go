@@ -494,6 +494,9 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 	delete(p.recheck, c)
 	p.counters.active.Add(-1)
 	p.counters.pairedSockets.Add(-c.mapSockets)
+	// The fd numbers name the flow slots Unpair releases (if their
+	// sockets still own them when the batch runs).
+	clientSlot, backendSlot := c.client.fd, c.backend.fd
 	for _, ep := range []*endpoint{&c.client, &c.backend} {
 		if ep.fd < 0 {
 			continue
@@ -506,7 +509,8 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 		}
 	}
 	if paired && c.mapPairings > 0 {
-		p.queueUnpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie})
+		p.queueUnpair(loader.Pair{ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie,
+			ClientFD: clientSlot, BackendFD: backendSlot})
 	}
 	c.lease.Release()
 	c.release()

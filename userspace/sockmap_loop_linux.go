@@ -268,7 +268,15 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 	nextTick := time.Now().Add(p.tick)
 	for {
 		if accept.Err() != nil && p.lnfd >= 0 {
-			// Draining: no new clients; established ones finish.
+			// Draining: no new clients; established ones finish. Out of
+			// epoll first: closing this descriptor does not remove the
+			// registration while another one refers to the same socket
+			// (epoll(7): only the last close of the open file does), and
+			// after a hand-over the successor holds one. Left in, this
+			// loop's EPOLLEXCLUSIVE wait would take wake-ups meant for
+			// the successor's loops, and its events would name an fd
+			// number another socket may have taken since.
+			_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, p.lnfd, nil)
 			unix.Close(p.lnfd)
 			p.lnfd = -1
 		}

@@ -44,6 +44,7 @@ func newRootCommand(lookupEnv func(string) (string, bool)) *cobra.Command {
 		newWGCommand(env{lookupEnv}),
 		newCtlCommand(env{lookupEnv}),
 		newEchoBackendCommand(),
+		newUpgradeCommand(),
 		newVersionCommand(),
 	)
 	return root

@@ -22,7 +22,19 @@ func newRunCommand(e env) *cobra.Command {
 		Use:   "run",
 		Short: "Serve: accept clients, route them, splice them to backends",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) (runErr error) {
+			report, err := openUpgradeReport(e)
+			if err != nil {
+				return err
+			}
+			served := false
+			// Until it serves, a process started by `edgeproxy upgrade`
+			// reports why it stopped; the old process keeps serving.
+			defer func() {
+				if report != nil && !served {
+					report.failed(runErr)
+				}
+			}()
 			cfg, debug, err := given.resolveConfig(e, cmd.Flags())
 			if err != nil {
 				return err
@@ -56,13 +68,30 @@ func newRunCommand(e env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer ov.Close()
+			closeOverlay := ov.Close
+			defer func() { closeOverlay() }()
 			cfg.LoadOptions, cfg.OnTable = ov.LoadOptions, ov.OnTable
 			if ov.Collector != nil {
 				cfg.Collectors = append(cfg.Collectors, ov.Collector)
 			}
+			if err := takeOver(report, &cfg); err != nil {
+				return err
+			}
+			if report != nil {
+				cfg.OnServing = func(predecessor int, err error) {
+					served = true
+					if err != nil {
+						report.failed(fmt.Errorf("hand-over not committed: %w", err))
+						return
+					}
+					report.ready(predecessor)
+				}
+			}
 			proxy, err := userspace.New(cfg, log)
 			if err != nil {
+				if cfg.Handover != nil {
+					cfg.Handover.Abort(err)
+				}
 				return err
 			}
 			fl.Follow(proxy.ReloadRouting)
@@ -70,6 +99,11 @@ func newRunCommand(e env) *cobra.Command {
 			signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 			defer signal.Stop(signals)
 			err = proxy.Run(signals)
+			if proxy.HandedOver() && ov.On {
+				// The successor adopted the interface: taking it down
+				// now would cut its overlay.
+				closeOverlay = func() {}
+			}
 			// The follower stops before the overlay closes: a change it
 			// applied now would reach a mesh already gone.
 			fl.Close()
