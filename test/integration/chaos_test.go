@@ -809,9 +809,6 @@ func (g *proxyGroup) upgrade(ns *nettest.NS, p *proxyProc) error {
 		return fmt.Errorf("edgeproxy upgrade did not return within %s:\n%s", upgradeWithin, out())
 	}
 	if err != nil {
-		if strings.Contains(out(), `unknown command "upgrade"`) {
-			return fmt.Errorf("TODO(wave-up): `edgeproxy upgrade` is not in this build yet, so the chaos run's two upgrades fail; they run once wave-up is merged: %v: %s", err, strings.TrimSpace(out()))
-		}
 		return fmt.Errorf("edgeproxy upgrade: %v:\n%s", err, out())
 	}
 	// The processes serving before the upgrade drain and exit; the new
