@@ -669,3 +669,36 @@ func TestUpgradeIdleProxy(t *testing.T) {
 		})
 	}
 }
+
+// A binding made by the old process holds in the new one: both use the
+// pinned affinity map, so a client keeps its backend across an upgrade.
+func TestAffinitySurvivesUpgrade(t *testing.T) {
+	lab := newGeoLab(t)
+	rows := []backendRow{row("eu-a", "eu", "FR", 9001, 1, 100, 0), row("eu-b", "eu", "FR", 9002, 1, 100, 0)}
+	lab.serveBackends(t, rows)
+	for _, plane := range planes {
+		t.Run(plane, func(t *testing.T) {
+			old := lab.start(t, plane, rows, "EDGEPROXY_DRAIN_SECS=2")
+			// A US client holds eu-a (a tie between idle backends goes to
+			// eu-a), so the BR client is routed to, and bound to, eu-b.
+			hold, id := lab.connect(t, "US")
+			if id != "eu-a" {
+				t.Fatalf("US client reached %s, want eu-a", id)
+			}
+			if got := lab.reach(t, "BR"); got != "eu-b" {
+				t.Fatalf("BR client reached %s, want eu-b (eu-a busy)", got)
+			}
+			hold.Close()
+			next, out, err := upgrade(t, lab.proxy, old)
+			if err != nil {
+				t.Fatalf("upgrade: %v\n%s", err, out)
+			}
+			waitGone(t, old, 5*time.Second)
+			// Both backends idle now: without its binding BR would get eu-a.
+			if got := lab.reach(t, "BR"); got != "eu-b" {
+				t.Fatalf("after the upgrade the BR client reached %s, want eu-b: its binding was lost", got)
+			}
+			next.stop(t)
+		})
+	}
+}
