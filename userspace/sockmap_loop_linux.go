@@ -17,12 +17,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sockmapPlane splices each connection inside the kernel: the verdict
-// program redirects every skb a socket receives to its peer's send path.
-// One goroutine runs an epoll loop for all connections, from accept to
-// close; no goroutine is parked per connection and no payload is copied
-// through userspace except bytes that arrive before a direction is armed
-// or while it is paused for backpressure.
+// sockmapPlane splices each connection that lives long or moves much
+// inside the kernel: the verdict program redirects every skb a socket
+// receives to its peer's send path. A young connection is copied through
+// userspace until then (pairLate), so the short ones never pay for the
+// sockhash. One goroutine runs an epoll loop for all connections, from
+// accept to close; no goroutine is parked per connection and, once a
+// connection is paired, no payload is copied through userspace except
+// bytes that arrive before a direction is armed or while it is paused
+// for backpressure.
 type sockmapPlane struct {
 	env  planeEnv
 	maps *loader.Sockmap
