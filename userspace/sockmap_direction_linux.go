@@ -376,8 +376,13 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 }
 
 // drainCopy reads src until it is empty and writes what it read to the
-// peer. drained is true when the read said EAGAIN with nothing left
+// peer. drained is true when the queue was found empty with nothing left
 // pending: every byte src received so far is in the peer's send queue.
+// A read shorter than the buffer found it empty: tcp_recvmsg stops short
+// only when the receive queue and the socket's backlog are both empty,
+// and a byte arriving after that wakes edge-triggered epoll again. The
+// read that would only say EAGAIN is saved, one per message: a short
+// connection's echo costs a read per direction, not two.
 // It stops after maxForwardRounds reads, for the tick to resume, so a
 // fast sender cannot starve the other connections.
 func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
@@ -399,6 +404,9 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 		src.settled += uint64(n)
 		if !p.writeOrKeep(src, p.buf[:n]) {
 			return false, false
+		}
+		if n < len(p.buf) {
+			return len(src.pending) == 0, true
 		}
 	}
 	p.watch(src.conn)
