@@ -382,7 +382,9 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 // only when the receive queue and the socket's backlog are both empty,
 // and a byte arriving after that wakes edge-triggered epoll again. The
 // read that would only say EAGAIN is saved, one per message: a short
-// connection's echo costs a read per direction, not two.
+// connection's echo costs a read per direction, not two. Only while
+// unpaired: a copying socket the sockhash kept is read through its psock
+// (tcp_bpf_recvmsg), and that rare path keeps reading to EAGAIN.
 // It stops after maxForwardRounds reads, for the tick to resume, so a
 // fast sender cannot starve the other connections.
 func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
@@ -405,7 +407,7 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 		if !p.writeOrKeep(src, p.buf[:n]) {
 			return false, false
 		}
-		if n < len(p.buf) {
+		if n < len(p.buf) && src.state == dirUnpaired {
 			return len(src.pending) == 0, true
 		}
 	}
