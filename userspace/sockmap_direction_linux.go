@@ -380,7 +380,10 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 // pending: every byte src received so far is in the peer's send queue.
 // A read shorter than the buffer found it empty: tcp_recvmsg stops short
 // only when the receive queue and the socket's backlog are both empty,
-// and a byte arriving after that wakes edge-triggered epoll again. The
+// and a byte arriving after that wakes edge-triggered epoll again. Not
+// once epoll reported a hang-up: a FIN queued behind the bytes is taken
+// by that same read (found_fin_ok), so no later edge says so, and only
+// the next read returning 0 shows it. The
 // read that would only say EAGAIN is saved, one per message: a short
 // connection's echo costs a read per direction, not two. Only while
 // unpaired: a copying socket the sockhash kept is read through its psock
@@ -407,7 +410,7 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 		if !p.writeOrKeep(src, p.buf[:n]) {
 			return false, false
 		}
-		if n < len(p.buf) && src.state == dirUnpaired {
+		if n < len(p.buf) && src.state == dirUnpaired && !src.hangup {
 			return len(src.pending) == 0, true
 		}
 	}
