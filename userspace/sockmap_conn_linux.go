@@ -23,11 +23,16 @@ const (
 	// connDialling: the backend connect is in flight (a retry to another
 	// backend stays in this phase).
 	connDialling connPhase = iota
+	// connUnpaired: the backend answered; userspace copies both
+	// directions until the connection lived pairAfterAge or a direction
+	// moved pairAfterBytes. Most connections end here, never paired.
+	connUnpaired
 	// connSpliced: both sockets are in the sockhash; the kernel moves the
 	// bytes of every armed direction.
 	connSpliced
-	// connCopying: a socket was half-closed before it could be paired, so
-	// the sockhash refused it; userspace copies both directions.
+	// connCopying: a socket was half-closed when the connection was
+	// paired, so the sockhash refused it; userspace copies both
+	// directions to the end.
 	connCopying
 	// connClosed: torn down; descriptors, slot and lease given back.
 	connClosed
@@ -35,6 +40,7 @@ const (
 
 var connPhaseNames = [...]string{
 	connDialling: "dialling",
+	connUnpaired: "unpaired",
 	connSpliced:  "spliced",
 	connCopying:  "copying",
 	connClosed:   "closed",
@@ -50,7 +56,8 @@ func (ph connPhase) String() string {
 // connPhaseSteps is every legal change of phase: forward only, and any
 // phase may end.
 var connPhaseSteps = map[connPhase][]connPhase{
-	connDialling: {connSpliced, connCopying, connClosed},
+	connDialling: {connUnpaired, connClosed},
+	connUnpaired: {connSpliced, connCopying, connClosed},
 	connSpliced:  {connClosed},
 	connCopying:  {connClosed},
 }
@@ -112,6 +119,9 @@ type smConn struct {
 	deadline   time.Time // this connect attempt's deadline
 	connectBy  time.Time // every attempt's deadline together
 	lastActive time.Time // a byte moved either way (idle sweep)
+	// pairBy is when a connection still unpaired is paired, however
+	// little it moved (pairAfterAge after the backend answered).
+	pairBy time.Time
 	// keepaliveAt is when the backend socket gets its keepalive options,
 	// zero once it has them (see keepaliveDelay).
 	keepaliveAt time.Time
@@ -276,20 +286,69 @@ func (p *sockmapPlane) finishConnect(c *smConn, events uint32) {
 	c.backend.base = 1 + uint64(sent) + uint64(len(early))
 	c.earlySent = uint64(len(early))
 	c.lease.Connected()
+	if err := p.startCopying(c); err != nil {
+		p.reset(c, "reset", err.Error())
+		return
+	}
+	if p.forward(&c.client) && p.forward(&c.backend) {
+		p.settle(c)
+	}
+}
+
+// startCopying has userspace copy a connection whose backend answered,
+// until pairLate finds it worth pairing.
+func (p *sockmapPlane) startCopying(c *smConn) error {
+	if err := c.enter(connUnpaired); err != nil {
+		return err
+	}
+	for _, ep := range []*endpoint{&c.client, &c.backend} {
+		if err := ep.transition(evConnected); err != nil {
+			return err
+		}
+	}
+	c.pairBy = time.Now().Add(pairAfterAge)
+	if err := p.register(&c.backend, epollIn); err != nil {
+		return err
+	}
+	return p.register(&c.client, epollIn)
+}
+
+// pairLate moves a connection that copied for pairAfterAge, or
+// pairAfterBytes one way, into the sockhash, so the kernel splices the
+// rest. Byte order holds because every byte userspace read is in the
+// peer's send queue before the insert (drainCopy), and bytes that arrive
+// after the last read wait in the source's queue: once the socket is in
+// the sockhash the kick runs the verdict over them, unarmed, so they are
+// counted and caught up before the direction arms, as at any pairing. A
+// connection whose direction ended, or whose peer is full, is not paired
+// now: the first copies to the end, the second is retried on the next
+// tick or EPOLLOUT. It returns false when the connection was torn down.
+func (p *sockmapPlane) pairLate(c *smConn) bool {
+	if c.phase != connUnpaired || c.client.state != dirUnpaired || c.backend.state != dirUnpaired {
+		return true
+	}
+	for _, src := range []*endpoint{&c.client, &c.backend} {
+		drained, alive := p.drainCopy(src)
+		if !alive {
+			return false
+		}
+		if !drained {
+			return true
+		}
+	}
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 		p.reset(c, "pair_failed", err.Error())
-		return
+		return false
 	}
-	p.forward(&c.client)
-	p.forward(&c.backend)
-	p.settle(c)
+	return p.forward(&c.client) && p.forward(&c.backend)
 }
 
-// pair puts both sockets into the sockhash, unarmed, and registers them
-// with epoll. Bytes that arrived before insertion (a client that spoke
-// first, a backend that greeted at once) make the registration report the
-// socket readable, and kickUnseen runs the verdict over them.
+// pair puts both sockets of a connection userspace copied so far into
+// the sockhash, unarmed, every byte read already written to the peer.
+// Both are kicked: bytes that arrived after userspace's last read wait in
+// the socket's queue, unseen by the verdict until more arrive, which a
+// request/response peer may never do.
 func (p *sockmapPlane) pair(c *smConn) error {
 	for _, ep := range []*endpoint{&c.client, &c.backend} {
 		cookie, err := unix.GetsockoptUint64(ep.fd, unix.SOL_SOCKET, unix.SO_COOKIE)
@@ -297,7 +356,6 @@ func (p *sockmapPlane) pair(c *smConn) error {
 			return fmt.Errorf("read socket cookie: %w", err)
 		}
 		ep.cookie = cookie
-		ep.flow = p.maps.FlowState(ep.fd)
 	}
 	phase, ev := connSpliced, evPaired
 	if err := p.maps.Pair(loader.Pair{
@@ -308,8 +366,8 @@ func (p *sockmapPlane) pair(c *smConn) error {
 		if !errors.Is(err, loader.ErrNotEstablished) {
 			return err
 		}
-		// A client that sent its request and FIN before the backend
-		// answered the dial, or a backend that greeted and closed.
+		// A remote that sent FIN after userspace's last read: the
+		// connection is nearly over, userspace copies the rest.
 		phase, ev = connCopying, evPairedForCopy
 		if errors.Is(err, loader.ErrClientStaysPaired) {
 			c.mapSockets, c.mapPairings = 1, 2
@@ -318,6 +376,14 @@ func (p *sockmapPlane) pair(c *smConn) error {
 			"client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 	} else {
 		c.mapSockets, c.mapPairings = 2, 2
+		// The verdict counts from zero: what userspace copied so far is,
+		// to TCP_INFO on the peer, sent ahead of every counted byte, as
+		// the PROXY header and early bytes are.
+		for _, src := range []*endpoint{&c.client, &c.backend} {
+			src.flow = p.maps.FlowState(src.fd)
+			src.copied, src.settled = src.settled, 0
+			src.peer.base += src.copied
+		}
 	}
 	p.counters.pairedSockets.Add(c.mapSockets)
 	p.counters.pairings.Add(c.mapPairings)
@@ -335,17 +401,13 @@ func (p *sockmapPlane) pair(c *smConn) error {
 	if err := p.register(&c.client, epollIn); err != nil {
 		return err
 	}
-	if phase == connCopying {
-		// Userspace reads these sockets itself: bytes queued before
-		// insertion must go through the verdict before later ones.
-		for _, ep := range []*endpoint{&c.client, &c.backend} {
-			if err := kick(ep.fd); err != nil {
-				return err
-			}
+	// Copying or not, bytes queued before insertion must go through the
+	// verdict before later ones.
+	for _, ep := range []*endpoint{&c.client, &c.backend} {
+		if err := kick(ep.fd); err != nil {
+			return err
 		}
 	}
-	// A spliced socket is kicked only if epoll shows bytes the verdict
-	// has not seen (kickUnseen): registering it below reports them.
 	return nil
 }
 
@@ -514,7 +576,8 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 	}
 	c.lease.Release()
 	c.release()
-	in, out := c.earlySent+c.client.settledTotal(), c.backend.settledTotal()
+	in := c.earlySent + c.client.copied + c.client.settledTotal()
+	out := c.backend.copied + c.backend.settledTotal()
 	p.env.onClose(ConnSummary{
 		Client: c.clientAddr, Backend: c.lease.Backend.ID,
 		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how, Dataplane: "sockmap",

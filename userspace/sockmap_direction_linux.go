@@ -26,6 +26,12 @@ const (
 	// dirWaiting: the backend is being dialled. Bytes wait in the source
 	// socket's receive queue; neither socket is in the sockhash yet.
 	dirWaiting directionState = iota
+	// dirUnpaired: the connection is young. Userspace copies its bytes,
+	// as in dirCopying, until the connection shows it is worth pairing
+	// (pairAfterBytes, pairAfterAge): most connections end first and
+	// never pay for the sockhash inserts, the psock set-up and teardown,
+	// or a kernel worker's wake-up per message.
+	dirUnpaired
 	// dirCatchingUp: paired but unarmed. The verdict counts each skb and
 	// passes it to the source's own queue; userspace reads exactly the
 	// counted bytes, writes them to the peer, then arms.
@@ -40,7 +46,7 @@ const (
 	dirPaused
 	// dirCopying: the sockhash refused a socket that was already
 	// half-closed when the connection was paired; userspace copies every
-	// byte of this connection.
+	// byte left of this connection.
 	dirCopying
 	// dirDraining: the source sent FIN and the byte count is final; the
 	// FIN is passed on once every byte before it is in the peer's send
@@ -53,6 +59,7 @@ const (
 
 var directionStateNames = [...]string{
 	dirWaiting:    "waiting",
+	dirUnpaired:   "unpaired",
 	dirCatchingUp: "catching_up",
 	dirArmed:      "armed",
 	dirPaused:     "paused",
@@ -73,8 +80,11 @@ func (s directionState) String() string {
 type directionEvent uint8
 
 const (
-	// evPaired: both sockets went into the sockhash, unarmed.
-	evPaired directionEvent = iota
+	// evConnected: the backend answered; userspace copies until pairing.
+	evConnected directionEvent = iota
+	// evPaired: both sockets went into the sockhash, unarmed, with every
+	// byte userspace had read already written to the peer.
+	evPaired
 	// evPairedForCopy: the sockhash refused a half-closed socket.
 	evPairedForCopy
 	// evArmed: the compare-and-swap that sets the armed bit succeeded,
@@ -93,6 +103,7 @@ const (
 )
 
 var directionEventNames = [...]string{
+	evConnected:     "connected",
 	evPaired:        "paired",
 	evPairedForCopy: "paired_for_copy",
 	evArmed:         "armed",
@@ -118,15 +129,17 @@ type directionStep struct {
 // is legal: when nothing was counted since the pause, redirected bytes
 // queue behind the earlier ones in the same psock queue, in order.
 var directionTransitions = map[directionStep]directionState{
-	{dirWaiting, evPaired}:        dirCatchingUp,
-	{dirWaiting, evPairedForCopy}: dirCopying,
-	{dirCatchingUp, evArmed}:      dirArmed,
-	{dirArmed, evPaused}:          dirPaused,
-	{dirArmed, evEOF}:             dirDraining,
-	{dirPaused, evResumed}:        dirCatchingUp,
-	{dirPaused, evArmed}:          dirArmed,
-	{dirCopying, evEOF}:           dirDraining,
-	{dirDraining, evFINSent}:      dirClosed,
+	{dirWaiting, evConnected}:      dirUnpaired,
+	{dirUnpaired, evPaired}:        dirCatchingUp,
+	{dirUnpaired, evPairedForCopy}: dirCopying,
+	{dirUnpaired, evEOF}:           dirDraining,
+	{dirCatchingUp, evArmed}:       dirArmed,
+	{dirArmed, evPaused}:           dirPaused,
+	{dirArmed, evEOF}:              dirDraining,
+	{dirPaused, evResumed}:         dirCatchingUp,
+	{dirPaused, evArmed}:           dirArmed,
+	{dirCopying, evEOF}:            dirDraining,
+	{dirDraining, evFINSent}:       dirClosed,
 }
 
 // errIllegalTransition marks a step the table does not list: a bug in the
@@ -139,7 +152,11 @@ type direction struct {
 	state directionState
 
 	settled uint64 // bytes received that are forwarded or redirected
-	final   uint64 // the byte count at EOF
+	// copied is what userspace copied before the connection was paired
+	// late: the verdict's count starts at zero behind it, and the peer's
+	// base counts it as sent, so settled compares with both as before.
+	copied uint64
+	final  uint64 // the byte count at EOF
 	// behind is how many reads were spent catching up since the direction
 	// was last armed.
 	behind int
@@ -247,6 +264,14 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 		return true
 	case dirCopying:
 		return p.copyForward(src)
+	case dirUnpaired:
+		if !p.copyForward(src) {
+			return false
+		}
+		if src.settled >= pairAfterBytes {
+			return p.pairLate(c)
+		}
+		return true
 	}
 	dst := src.peer
 	rounds := 0
@@ -342,29 +367,55 @@ func (p *sockmapPlane) step(src *endpoint, ev directionEvent) bool {
 	return true
 }
 
-// copyForward moves src's bytes to its peer through userspace, for the
-// rare connection that could not be spliced in the kernel.
+// copyForward moves src's bytes to its peer through userspace: for a
+// young connection not paired yet, and for the rare one that could not be
+// spliced in the kernel.
 func (p *sockmapPlane) copyForward(src *endpoint) bool {
-	for {
+	_, alive := p.drainCopy(src)
+	return alive
+}
+
+// drainCopy reads src until it is empty and writes what it read to the
+// peer. drained is true when the queue was found empty with nothing left
+// pending: every byte src received so far is in the peer's send queue.
+// A read shorter than the buffer found it empty: tcp_recvmsg stops short
+// only when the receive queue and the socket's backlog are both empty,
+// and a byte arriving after that wakes edge-triggered epoll again. Not
+// once epoll reported a hang-up: a FIN queued behind the bytes is taken
+// by that same read (found_fin_ok), so no later edge says so, and only
+// the next read returning 0 shows it. The
+// read that would only say EAGAIN is saved, one per message: a short
+// connection's echo costs a read per direction, not two. Only while
+// unpaired: a copying socket the sockhash kept is read through its psock
+// (tcp_bpf_recvmsg), and that rare path keeps reading to EAGAIN.
+// It stops after maxForwardRounds reads, for the tick to resume, so a
+// fast sender cannot starve the other connections.
+func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
+	for range maxForwardRounds {
 		if done, alive := p.flushPending(src); !done {
-			return alive
+			return false, alive
 		}
 		n, err := unix.Read(src.fd, p.buf)
 		switch {
 		case errors.Is(err, unix.EAGAIN):
-			return true
+			return true, true
 		case err != nil:
 			p.reset(src.conn, "reset", "read copied bytes")
-			return false
+			return false, false
 		case n == 0:
 			src.final = src.settled
-			return p.step(src, evEOF)
+			return false, p.step(src, evEOF)
 		}
 		src.settled += uint64(n)
 		if !p.writeOrKeep(src, p.buf[:n]) {
-			return false
+			return false, false
+		}
+		if n < len(p.buf) && src.state == dirUnpaired && !src.hangup {
+			return len(src.pending) == 0, true
 		}
 	}
+	p.watch(src.conn)
+	return false, true
 }
 
 // flushPending writes what src's peer has not taken yet of the bytes
@@ -591,10 +642,12 @@ func (p *sockmapPlane) pauseBacklog() uint64 {
 	return min(max(share/2, minPauseBacklog), p.maxPauseBacklog)
 }
 
-// settledTotal is every byte of src's direction that has moved on: the
-// verdict's count while the kernel splices, userspace's own when copying.
+// settledTotal is every byte of src's direction that has moved on since
+// pairing: the verdict's count once the kernel splices, userspace's own
+// while copying (flow is set only when both sockets went into the
+// sockhash). Bytes copied before a late pairing are in copied.
 func (ep *endpoint) settledTotal() uint64 {
-	if ep.flow == nil || ep.conn.phase == connCopying {
+	if ep.flow == nil {
 		return ep.settled
 	}
 	return atomic.LoadUint64(ep.flow) & loader.FlowCountMask

@@ -17,12 +17,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sockmapPlane splices each connection inside the kernel: the verdict
-// program redirects every skb a socket receives to its peer's send path.
-// One goroutine runs an epoll loop for all connections, from accept to
-// close; no goroutine is parked per connection and no payload is copied
-// through userspace except bytes that arrive before a direction is armed
-// or while it is paused for backpressure.
+// sockmapPlane splices each connection that lives long or moves much
+// inside the kernel: the verdict program redirects every skb a socket
+// receives to its peer's send path. A young connection is copied through
+// userspace until then (pairLate), so the short ones never pay for the
+// sockhash. One goroutine runs an epoll loop for all connections, from
+// accept to close; no goroutine is parked per connection and, once a
+// connection is paired, no payload is copied through userspace except
+// bytes that arrive before a direction is armed or while it is paused
+// for backpressure.
 type sockmapPlane struct {
 	env  planeEnv
 	maps *loader.Sockmap
@@ -97,6 +100,21 @@ const (
 	// once); once the verdict has counted bytes, read_skb has drained the
 	// queue from its head, so nothing unseen is left.
 	quietAfterTicks = 4
+	// pairAfterBytes is how much one direction copies through userspace
+	// before the connection is paired: 64 KiB, one readChunk, is past
+	// any request/response exchange the connection-rate figure counts,
+	// and a bulk stream pays its userspace copy for well under a
+	// millisecond before the kernel splices it.
+	pairAfterBytes = readChunk
+	// pairAfterAge is how long a connection copies through userspace,
+	// however little it moves, before it is paired: four ticks (20 ms).
+	// A short connection (connect, a message each way, close) is over
+	// long before, so it never pays for the two sockhash inserts, the
+	// pairings write, psock set-up and RCU teardown, the SO_COOKIE reads
+	// and the kick, nor a psock worker's wake-up per message
+	// (sk_psock_skb_redirect schedules sk_psock_backlog for every skb);
+	// one still exchanging messages after that long goes on doing so.
+	pairAfterAge = 4 * tickPeriod
 	// maxAcceptRun bounds the accepts of one wake-up, so a flood of new
 	// clients cannot starve the connections this loop already holds.
 	maxAcceptRun = 256
@@ -563,6 +581,12 @@ func (p *sockmapPlane) onTick(now time.Time) {
 				continue
 			}
 		}
+		if c.phase == connUnpaired {
+			if !now.Before(c.pairBy) && p.pairLate(c) {
+				p.settle(c)
+			}
+			continue
+		}
 		p.checkBacklog(&c.client, now)
 		p.checkBacklog(&c.backend, now)
 	}
@@ -579,7 +603,7 @@ func (p *sockmapPlane) sweep(now time.Time) {
 		p.nextStallSweep = now.Add(stallSweepPeriod(p.env.stallTimeout))
 	}
 	for c := range p.conns {
-		if c.phase != connSpliced && c.phase != connCopying {
+		if c.phase != connUnpaired && c.phase != connSpliced && c.phase != connCopying {
 			continue
 		}
 		moved := false

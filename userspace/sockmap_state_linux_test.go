@@ -17,8 +17,10 @@ var legalDirectionSteps = []struct {
 	on   directionEvent
 	to   directionState
 }{
-	{"sockets enter the sockhash unarmed", dirWaiting, evPaired, dirCatchingUp},
-	{"a half-closed socket is refused and userspace copies", dirWaiting, evPairedForCopy, dirCopying},
+	{"the backend answered: userspace copies until pairing", dirWaiting, evConnected, dirUnpaired},
+	{"sockets enter the sockhash unarmed", dirUnpaired, evPaired, dirCatchingUp},
+	{"a half-closed socket is refused and userspace copies", dirUnpaired, evPairedForCopy, dirCopying},
+	{"the source's FIN ends a direction never paired", dirUnpaired, evEOF, dirDraining},
 	{"userspace caught up with the verdict and arms", dirCatchingUp, evArmed, dirArmed},
 	{"a slow receiver pauses an armed direction", dirArmed, evPaused, dirPaused},
 	{"the source's FIN ends an armed direction", dirArmed, evEOF, dirDraining},
@@ -50,7 +52,7 @@ func TestDirectionLegalTransitions(t *testing.T) {
 func TestDirectionIllegalTransitionsAreRefused(t *testing.T) {
 	refused := 0
 	for from := dirWaiting; from <= dirClosed; from++ {
-		for on := evPaired; on <= evFINSent; on++ {
+		for on := evConnected; on <= evFINSent; on++ {
 			if _, legal := directionTransitions[directionStep{from, on}]; legal {
 				continue
 			}
@@ -69,16 +71,16 @@ func TestDirectionIllegalTransitionsAreRefused(t *testing.T) {
 			refused++
 		}
 	}
-	// 7 states x 7 events, 9 legal.
-	if refused != 7*7-9 {
-		t.Fatalf("refused %d steps, want %d", refused, 7*7-9)
+	// 8 states x 8 events, 11 legal.
+	if refused != 8*8-11 {
+		t.Fatalf("refused %d steps, want %d", refused, 8*8-11)
 	}
 }
 
 // A whole connection's life, both directions, through the one writer.
 func TestDirectionLifeSplicedThenPausedThenClosed(t *testing.T) {
 	var d direction
-	for _, ev := range []directionEvent{evPaired, evArmed, evPaused, evResumed, evArmed, evPaused, evArmed, evEOF, evFINSent} {
+	for _, ev := range []directionEvent{evConnected, evPaired, evArmed, evPaused, evResumed, evArmed, evPaused, evArmed, evEOF, evFINSent} {
 		if err := d.transition(ev); err != nil {
 			t.Fatalf("at %s: %v", ev, err)
 		}
@@ -104,7 +106,7 @@ func TestDirectionNamesAreDistinct(t *testing.T) {
 	if got := directionState(99).String(); got != "directionState(99)" {
 		t.Errorf("unknown state prints %q", got)
 	}
-	for e := evPaired; e <= evFINSent; e++ {
+	for e := evConnected; e <= evFINSent; e++ {
 		if strings.HasPrefix(e.String(), "directionEvent(") {
 			t.Errorf("event %d has no name", e)
 		}
@@ -116,9 +118,11 @@ func TestConnPhaseSteps(t *testing.T) {
 		name     string
 		from, to connPhase
 	}{
-		{"the backend answered and both sockets were paired", connDialling, connSpliced},
-		{"the backend answered but a socket was half-closed", connDialling, connCopying},
+		{"the backend answered: userspace copies", connDialling, connUnpaired},
 		{"every dial failed or the client was reset", connDialling, connClosed},
+		{"a connection old or busy enough was paired", connUnpaired, connSpliced},
+		{"pairing found a socket half-closed", connUnpaired, connCopying},
+		{"a connection ended before it was paired", connUnpaired, connClosed},
 		{"a spliced connection ends", connSpliced, connClosed},
 		{"a copied connection ends", connCopying, connClosed},
 	}
@@ -147,8 +151,8 @@ func TestConnPhaseSteps(t *testing.T) {
 			illegal++
 		}
 	}
-	if illegal != 4*4-len(legal) {
-		t.Fatalf("checked %d illegal changes, want %d", illegal, 4*4-len(legal))
+	if illegal != 5*5-len(legal) {
+		t.Fatalf("checked %d illegal changes, want %d", illegal, 5*5-len(legal))
 	}
 }
 
@@ -174,5 +178,27 @@ func TestABusyArmedDirectionGoesQuiet(t *testing.T) {
 	}
 	if catchingUp.readEvents() != epollIn {
 		t.Errorf("a catching-up direction went quiet: it must read its passed bytes")
+	}
+}
+
+// A short connection copies and closes without ever being paired; a long
+// one is paired mid-stream and then spliced.
+func TestDirectionLifeCopiedThenPairedLate(t *testing.T) {
+	var short direction
+	for _, ev := range []directionEvent{evConnected, evEOF, evFINSent} {
+		if err := short.transition(ev); err != nil {
+			t.Fatalf("short connection at %s: %v", ev, err)
+		}
+	}
+	var long direction
+	for _, ev := range []directionEvent{evConnected, evPaired, evArmed, evEOF, evFINSent} {
+		if err := long.transition(ev); err != nil {
+			t.Fatalf("long connection at %s: %v", ev, err)
+		}
+	}
+	// A direction being dialled has nothing to pair yet.
+	waiting := direction{state: dirWaiting}
+	if err := waiting.transition(evPaired); !errors.Is(err, errIllegalTransition) {
+		t.Fatalf("paired while dialling: %v, want refused", err)
 	}
 }
