@@ -2,6 +2,7 @@ package userspace
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -65,6 +66,33 @@ const keepaliveProbes = 5
 // whole budget before a retry gets its turn.
 func attemptTimeout(deadline, now time.Time, attemptsLeft int) time.Duration {
 	return deadline.Sub(now) / time.Duration(max(attemptsLeft, 1))
+}
+
+// afterFailedDial decides what a failed dial leads to, the same on both
+// planes: a local exhaustion refuses the client as max_conns and says
+// nothing about the backend; otherwise the failure counts against the
+// backend and the next best untried backend is leased while attempts and
+// time are left. next is nil when the connection must be reset with
+// reason and cause.
+func (e planeEnv) afterFailedDial(plane string, client netip.AddrPort, failed *Lease, connectBy time.Time, err error) (next *Lease, reason, cause string) {
+	if localExhaustion(err) {
+		e.balancer.countReject(RejectMaxConns)
+		e.warn.Warn("exhausted", "refusing client: this host is out of descriptors or buffers", "client", client, "err", err)
+		return nil, "max_conns", err.Error()
+	}
+	failed.Failed(err)
+	e.warn.Warn("dial:"+failed.Backend.ID, "dial backend failed", "client", client, "backend", failed.Backend.ID,
+		"addr", failed.Backend.AddrPort(), "attempt", failed.Attempts(), "err", err)
+	if failed.Attempts() > e.retries || !time.Now().Before(connectBy) {
+		e.balancer.countReject(RejectAllDialsFailed)
+		return nil, "connect_failed", err.Error()
+	}
+	next, reject := e.balancer.AcquireNext(failed)
+	if next == nil {
+		return nil, "connect_failed", fmt.Sprintf("%s; no other backend: %s", err, reject)
+	}
+	e.logOpen(plane, client, next)
+	return next, "", ""
 }
 
 // logOpen writes the debug line of a routed connection.

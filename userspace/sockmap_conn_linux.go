@@ -212,28 +212,12 @@ func (p *sockmapPlane) failConnect(c *smConn, err error) {
 		c.backend.fd = -1
 		c.backend.events = 0
 	}
-	if localExhaustion(err) {
-		p.env.balancer.countReject(RejectMaxConns)
-		p.env.warn.Warn("exhausted", "refusing client: this host is out of descriptors or buffers", "client", c.clientAddr, "err", err)
-		p.reset(c, "max_conns", err.Error())
-		return
-	}
-	failed := c.lease
-	failed.Failed(err)
-	p.env.warn.Warn("dial:"+failed.Backend.ID, "dial backend failed", "client", c.clientAddr, "backend", failed.Backend.ID,
-		"addr", failed.Backend.AddrPort(), "attempt", failed.Attempts(), "err", err)
-	if failed.Attempts() > p.env.retries || !time.Now().Before(c.connectBy) {
-		p.env.balancer.countReject(RejectAllDialsFailed)
-		p.reset(c, "connect_failed", err.Error())
-		return
-	}
-	next, reject := p.env.balancer.AcquireNext(failed)
+	next, reason, cause := p.env.afterFailedDial("sockmap", c.clientAddr, c.lease, c.connectBy, err)
 	if next == nil {
-		p.reset(c, "connect_failed", fmt.Sprintf("%s; no other backend: %s", err, reject))
+		p.reset(c, reason, cause)
 		return
 	}
 	c.lease = next
-	p.env.logOpen("sockmap", c.clientAddr, next)
 	p.dial(c)
 }
 

@@ -165,28 +165,12 @@ func (l *spliceLoop) failConnect(c *spliceConn, err error) {
 		unix.Close(c.backend.fd)
 		c.backend.fd = -1
 	}
-	if localExhaustion(err) {
-		l.env.balancer.countReject(RejectMaxConns)
-		l.env.warn.Warn("exhausted", "refusing client: this host is out of descriptors or buffers", "client", c.clientAddr, "err", err)
-		l.reset(c, "max_conns", err.Error())
-		return
-	}
-	failed := c.lease
-	failed.Failed(err)
-	l.env.warn.Warn("dial:"+failed.Backend.ID, "dial backend failed", "client", c.clientAddr, "backend", failed.Backend.ID,
-		"addr", failed.Backend.AddrPort(), "attempt", failed.Attempts(), "err", err)
-	if failed.Attempts() > l.env.retries || !time.Now().Before(c.connectBy) {
-		l.env.balancer.countReject(RejectAllDialsFailed)
-		l.reset(c, "connect_failed", err.Error())
-		return
-	}
-	next, reject := l.env.balancer.AcquireNext(failed)
+	next, reason, cause := l.env.afterFailedDial("splice", c.clientAddr, c.lease, c.connectBy, err)
 	if next == nil {
-		l.reset(c, "connect_failed", fmt.Sprintf("%s; no other backend: %s", err, reject))
+		l.reset(c, reason, cause)
 		return
 	}
 	c.lease = next
-	l.env.logOpen("splice", c.clientAddr, next)
 	l.dial(c)
 }
 
