@@ -213,7 +213,26 @@ func (l *sockmapLoops) KernelBytes(backend uint32) (toBackend, toClient uint64, 
 // until each has drained. A loop that fails stops the others (their
 // connections are reset) and its error is returned.
 func (l *sockmapLoops) Serve(accept, stop context.Context, ln *net.TCPListener) error {
-	fds, err := dupListener(ln, len(l.loops))
+	serves := make([]loopServe, len(l.loops))
+	for i, loop := range l.loops {
+		if len(l.loops) > 1 {
+			loop.lnEvents |= unix.EPOLLEXCLUSIVE
+		}
+		serves[i] = loop.serve
+	}
+	return serveLoops(accept, stop, ln, serves)
+}
+
+// loopServe runs one event loop on its own descriptor of the listener.
+type loopServe func(accept, stop context.Context, lnfd int) error
+
+// serveLoops runs each loop of a plane on its own copy of the listening
+// socket until each has drained. Accepted sockets inherit TCP_NODELAY from
+// the listener: a ping-pong's small writes leave at once, and no client
+// costs a system call for it. A loop that fails stops the others (their
+// connections are reset) and its error is returned.
+func serveLoops(accept, stop context.Context, ln *net.TCPListener, serves []loopServe) error {
+	fds, err := dupListener(ln, len(serves))
 	if err != nil {
 		return err
 	}
@@ -223,13 +242,10 @@ func (l *sockmapLoops) Serve(accept, stop context.Context, ln *net.TCPListener) 
 	}
 	stop, failed := context.WithCancel(stop)
 	defer failed()
-	errs := make(chan error, len(l.loops))
-	for i, loop := range l.loops {
-		if len(l.loops) > 1 {
-			loop.lnEvents |= unix.EPOLLEXCLUSIVE
-		}
+	errs := make(chan error, len(serves))
+	for i, serve := range serves {
 		go func() {
-			err := loop.serve(accept, stop, fds[i])
+			err := serve(accept, stop, fds[i])
 			if err != nil {
 				failed()
 			}
@@ -237,7 +253,7 @@ func (l *sockmapLoops) Serve(accept, stop context.Context, ln *net.TCPListener) 
 		}()
 	}
 	var all []error
-	for range l.loops {
+	for range serves {
 		if err := <-errs; err != nil {
 			all = append(all, err)
 		}

@@ -2,8 +2,6 @@ package userspace
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"net"
 	"os"
 	"strconv"
@@ -63,39 +61,14 @@ func (l *spliceLoops) Serve(accept, stop context.Context, ln *net.TCPListener) e
 	// The pipe bound follows the connection cap, which New settles after
 	// the plane is built.
 	l.shared.pipes.limit = int64(splicePipesFor(l.loops[0].env.admission.maxConns))
-	fds, err := dupListener(ln, len(l.loops))
-	if err != nil {
-		return err
-	}
-	// Accepted sockets inherit TCP_NODELAY from the listener: a ping-pong's
-	// small writes leave at once, as they did with the Go runtime's
-	// sockets, and no client costs a system call for it.
-	if err := unix.SetsockoptInt(fds[0], unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
-		closeAll(fds)
-		return fmt.Errorf("set TCP_NODELAY on the listener: %w", err)
-	}
-	stop, failed := context.WithCancel(stop)
-	defer failed()
-	errs := make(chan error, len(l.loops))
+	serves := make([]loopServe, len(l.loops))
 	for i, loop := range l.loops {
 		if len(l.loops) > 1 {
 			loop.lnEvents |= unix.EPOLLEXCLUSIVE
 		}
-		go func() {
-			err := loop.serve(accept, stop, fds[i])
-			if err != nil {
-				failed()
-			}
-			errs <- err
-		}()
+		serves[i] = loop.serve
 	}
-	var all []error
-	for range l.loops {
-		if err := <-errs; err != nil {
-			all = append(all, err)
-		}
-	}
-	return errors.Join(all...)
+	return serveLoops(accept, stop, ln, serves)
 }
 
 // minReceiveLimit keeps a capped receive buffer large enough for a LAN's
