@@ -23,9 +23,10 @@ const (
 	// connDialling: the backend connect is in flight (a retry to another
 	// backend stays in this phase).
 	connDialling connPhase = iota
-	// connUnpaired: the backend answered; userspace copies both
-	// directions until the connection lived pairAfterAge or a direction
-	// moved pairAfterBytes. Most connections end here, never paired.
+	// connUnpaired: the backend answered; userspace moves both
+	// directions (a streaming one by splice through a pipe) until the
+	// connection lived pairAfterAge, then pairs it unless it streams.
+	// Most connections end here, never paired.
 	connUnpaired
 	// connSpliced: both sockets are in the sockhash; the kernel moves the
 	// bytes of every armed direction.
@@ -119,8 +120,8 @@ type smConn struct {
 	deadline   time.Time // this connect attempt's deadline
 	connectBy  time.Time // every attempt's deadline together
 	lastActive time.Time // a byte moved either way (idle sweep)
-	// pairBy is when a connection still unpaired is paired, however
-	// little it moved (pairAfterAge after the backend answered).
+	// pairBy is when a connection still unpaired may be paired
+	// (pairAfterAge after the backend answered).
 	pairBy time.Time
 	// keepaliveAt is when the backend socket gets its keepalive options,
 	// zero once it has them (see keepaliveDelay).
@@ -406,7 +407,7 @@ func (p *sockmapPlane) settle(c *smConn) {
 		if src.state != dirDraining {
 			continue
 		}
-		if len(src.pending) > 0 {
+		if len(src.pending) > 0 || src.inPipe > 0 {
 			waiting = true
 			continue
 		}
@@ -548,6 +549,7 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 			continue
 		}
 		p.byFD[ep.fd] = nil
+		p.returnPipe(ep)
 		if hard && ep != dead {
 			closeWithReset(ep.fd)
 		} else {
@@ -568,6 +570,20 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 	})
 }
 
+// returnPipe gives back the pipe of ep's direction when it ends: to the
+// pool when empty, closed with what it holds otherwise.
+func (p *sockmapPlane) returnPipe(ep *endpoint) {
+	if ep.pipe == nil {
+		return
+	}
+	if ep.inPipe > 0 {
+		p.pipes.discard(ep.pipe)
+	} else {
+		p.pipes.put(ep.pipe)
+	}
+	ep.pipe, ep.inPipe = nil, 0
+}
+
 func (ep *endpoint) side() string {
 	if ep == &ep.conn.client {
 		return "client"
@@ -582,8 +598,8 @@ func (ep *endpoint) describe() string {
 		word = atomic.LoadUint64(ep.flow)
 	}
 	sent, _ := sentTo(ep)
-	return fmt.Sprintf("%s socket (direction %s settled=%d count=%d sent_to=%d pending=%d; peer direction %s final=%d)",
-		ep.side(), ep.state, ep.settled, word&loader.FlowCountMask, sent, len(ep.pending), ep.peer.state, ep.peer.final)
+	return fmt.Sprintf("%s socket (direction %s settled=%d count=%d sent_to=%d pending=%d in_pipe=%d; peer direction %s final=%d)",
+		ep.side(), ep.state, ep.settled, word&loader.FlowCountMask, sent, len(ep.pending), ep.inPipe, ep.peer.state, ep.peer.final)
 }
 
 // keepaliveDelay is how long a backend socket goes without keepalive: a
@@ -638,4 +654,45 @@ func backendSockaddr(ap netip.AddrPort) (unix.Sockaddr, error) {
 func closeWithReset(fd int) {
 	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
 	unix.Close(fd)
+}
+
+// pairingWindow is what an unpaired direction read since the tick last
+// decided whether to pair its connection.
+type pairingWindow struct {
+	reads, bytes uint64
+}
+
+func (w *pairingWindow) add(n int) {
+	w.reads++
+	w.bytes += uint64(n)
+}
+
+// streamingNow judges the direction on the window just ended and starts the
+// next. A direction streams once a read filled the buffer (more was
+// queued than one read takes); it stops streaming when a window's reads
+// average under streamReadBytes, and a quiet window changes nothing: a
+// download waiting on a slow receiver is still a download.
+func (d *direction) streamingNow() bool {
+	w := d.window
+	d.window = pairingWindow{}
+	if d.streaming && w.reads > 0 && w.bytes/w.reads < streamReadBytes {
+		d.streaming = false
+	}
+	return d.streaming
+}
+
+// streams reports whether either direction of an unpaired connection is a
+// stream, which stays spliced through a pipe instead of being paired. On
+// this kernel a stream costs less that way: the psock worker sends each
+// redirected skb by itself, each frag a sendmsg of its own without
+// MSG_MORE (skb_send_sock, net/core/skbuff.c), so every one is pushed out
+// as a segment of its own, and the backend received 2.7 times as many
+// segments (21.8 KB each) as through a 1 MiB pipe (59.8 KB each), with
+// a machine CPU per GB to match (docs/architecture.md). Request/response
+// traffic reads small and is paired: there the verdict saves the event
+// loop's wake-up per message.
+func (c *smConn) streams() bool {
+	client := c.client.streamingNow()
+	backend := c.backend.streamingNow()
+	return client || backend
 }

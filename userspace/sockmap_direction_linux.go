@@ -162,6 +162,19 @@ type direction struct {
 	behind int
 	// pending was read from the source, not yet taken by the peer.
 	pending []byte
+	// pipe carries a streaming unpaired direction's bytes from the
+	// source's receive queue to the peer by splice(2), without a copy
+	// through userspace; inPipe is what it holds. It is borrowed from the
+	// loop's pool only while bytes are in it.
+	pipe   *splicePipe
+	inPipe int
+	// streaming is set once a read of the unpaired direction filled the
+	// whole buffer: more is queued than one read takes, so later reads
+	// splice instead of copying.
+	streaming bool
+	// window counts the reads and bytes of the unpaired direction since
+	// the tick last decided whether to pair (pairingWindow).
+	window pairingWindow
 	// lastSeen is the count at the last backlog check, lastSeenAt when
 	// that check ran.
 	lastSeen   uint64
@@ -265,13 +278,7 @@ func (p *sockmapPlane) forward(src *endpoint) bool {
 	case dirCopying:
 		return p.copyForward(src)
 	case dirUnpaired:
-		if !p.copyForward(src) {
-			return false
-		}
-		if src.settled >= pairAfterBytes {
-			return p.pairLate(c)
-		}
-		return true
+		return p.copyForward(src)
 	}
 	dst := src.peer
 	rounds := 0
@@ -395,7 +402,7 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 		if done, alive := p.flushPending(src); !done {
 			return false, alive
 		}
-		n, err := unix.Read(src.fd, p.buf)
+		n, spliced, err := p.readSource(src)
 		switch {
 		case errors.Is(err, unix.EAGAIN):
 			return true, true
@@ -407,8 +414,18 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 			return false, p.step(src, evEOF)
 		}
 		src.settled += uint64(n)
+		src.window.add(n)
+		if spliced {
+			// The pipe is flushed at the top of the next round; a short
+			// splice proves nothing (a pipe fills by slots, not bytes),
+			// so splicing goes on until the queue says EAGAIN.
+			continue
+		}
 		if !p.writeOrKeep(src, p.buf[:n]) {
 			return false, false
+		}
+		if n == len(p.buf) && src.state == dirUnpaired && !src.streaming {
+			p.startStreaming(src)
 		}
 		if n < len(p.buf) && src.state == dirUnpaired && !src.hangup {
 			return len(src.pending) == 0, true
@@ -418,11 +435,69 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 	return false, true
 }
 
+// startStreaming has src's direction splice from now on. Its bytes wait
+// in src's receive queue while the receiver is slow, as on the splice
+// plane, so that queue is capped at the direction's share of the buffer
+// budget, as the splice plane caps it (receiveLimit; the kernel doubles
+// the value). Only a stream pays the system call: a request/response
+// connection never fills a read.
+func (p *sockmapPlane) startStreaming(src *endpoint) {
+	src.streaming = true
+	if limit := receiveLimit(p.env.bufferBudget, p.counters.active.Load()); limit > 0 {
+		_ = unix.SetsockoptInt(src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, limit/2)
+	}
+}
+
+// readSource takes the next bytes of src's receive queue: into a pipe by
+// splice(2) once an unpaired direction streams and a pipe is free, else
+// into the loop's buffer. A socket in the sockhash (the rare copying
+// direction) is read through its psock, which splice cannot do.
+func (p *sockmapPlane) readSource(src *endpoint) (n int, spliced bool, err error) {
+	if src.streaming && src.state == dirUnpaired {
+		if src.pipe == nil {
+			pipe, err := p.pipes.get()
+			if err != nil {
+				p.env.warn.Warn("pipe", "cannot open a pipe, copying through userspace", "client", src.conn.clientAddr, "err", err)
+			}
+			src.pipe = pipe
+		}
+		if src.pipe != nil {
+			n64, err := unix.Splice(src.fd, nil, src.pipe.w, nil, src.pipe.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if n64 > 0 {
+				src.inPipe = int(n64)
+			}
+			return int(n64), true, err
+		}
+	}
+	n, err = unix.Read(src.fd, p.buf)
+	return n, false, err
+}
+
 // flushPending writes what src's peer has not taken yet of the bytes
 // userspace read from src. done is false while the peer is full (EPOLLOUT
 // resumes it); alive is false when the connection was reset.
 func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
 	dst := src.peer
+	for src.inPipe > 0 {
+		n64, err := unix.Splice(src.pipe.r, nil, dst.fd, nil, src.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if n64 > 0 {
+			src.inPipe -= int(n64)
+			countMoved(dst, int(n64))
+		}
+		if errors.Is(err, unix.EAGAIN) {
+			p.wantWritable(dst, true)
+			return false, true
+		}
+		if err != nil {
+			p.reset(src.conn, "reset", "splice to peer: "+err.Error())
+			return false, false
+		}
+	}
+	if src.pipe != nil {
+		// Empty: back to the pool, so an idle direction holds none.
+		p.pipes.put(src.pipe)
+		src.pipe = nil
+	}
 	for len(src.pending) > 0 {
 		n, err := unix.Write(dst.fd, src.pending)
 		if n > 0 {

@@ -49,6 +49,9 @@ type sockmapPlane struct {
 	unpairs  []loader.Pair
 	unpairBy time.Time
 	buf      []byte
+	// pipes lends the pipes a streaming unpaired direction splices
+	// through; their number is bounded across loops.
+	pipes pipePool
 	// headers are the accepted connections still waiting for their
 	// trusted upstream's PROXY header: not routed yet, not in conns.
 	headers  *headerWaits
@@ -100,21 +103,23 @@ const (
 	// once); once the verdict has counted bytes, read_skb has drained the
 	// queue from its head, so nothing unseen is left.
 	quietAfterTicks = 4
-	// pairAfterBytes is how much one direction copies through userspace
-	// before the connection is paired: 64 KiB, one readChunk, is past
-	// any request/response exchange the connection-rate figure counts,
-	// and a bulk stream pays its userspace copy for well under a
-	// millisecond before the kernel splices it.
-	pairAfterBytes = readChunk
-	// pairAfterAge is how long a connection copies through userspace,
-	// however little it moves, before it is paired: four ticks (20 ms).
-	// A short connection (connect, a message each way, close) is over
-	// long before, so it never pays for the two sockhash inserts, the
-	// pairings write, psock set-up and RCU teardown, the SO_COOKIE reads
-	// and the kick, nor a psock worker's wake-up per message
-	// (sk_psock_skb_redirect schedules sk_psock_backlog for every skb);
-	// one still exchanging messages after that long goes on doing so.
+	// pairAfterAge is how long a connection is served from userspace
+	// before it may be paired: four ticks (20 ms). A short connection
+	// (connect, a message each way, close) is over long before, so it
+	// never pays for the two sockhash inserts, the pairings write, psock
+	// set-up and RCU teardown, the SO_COOKIE reads and the kick, nor a
+	// psock worker's wake-up per message (sk_psock_skb_redirect schedules
+	// sk_psock_backlog for every skb); one still exchanging messages after
+	// that long goes on doing so. A streaming connection is not paired
+	// (see streams).
 	pairAfterAge = 4 * tickPeriod
+	// streamReadBytes is the mean read, over a pairing window, at which a
+	// direction counts as a stream and stays spliced through a pipe
+	// instead of being paired: a quarter of readChunk. A request/response
+	// exchange reads one message per wake-up (2 KiB in the benchmark's
+	// workload, 64 B in its round trip); a bulk stream finds tens of KiB
+	// queued at every wake-up.
+	streamReadBytes = readChunk / 4
 	// maxAcceptRun bounds the accepts of one wake-up, so a flood of new
 	// clients cannot starve the connections this loop already holds.
 	maxAcceptRun = 256
@@ -157,22 +162,25 @@ type sockmapLoops struct {
 	loops    []*sockmapPlane
 	maps     *loader.Sockmap
 	counters *sockmapCounters
+	pipes    pipeBudget // pipes open, all loops
 }
 
 func newSockmapPlane(env planeEnv, maps *loader.Sockmap) *sockmapLoops {
 	counters := &sockmapCounters{}
 	l := &sockmapLoops{maps: maps, counters: counters}
+	l.pipes.limit = int64(splicePipesFor(env.admission.maxConns))
 	for range max(env.workers, 1) {
-		l.loops = append(l.loops, newSockmapLoop(env, maps, counters))
+		l.loops = append(l.loops, newSockmapLoop(env, maps, counters, &l.pipes))
 	}
 	return l
 }
 
-func newSockmapLoop(env planeEnv, maps *loader.Sockmap, counters *sockmapCounters) *sockmapPlane {
+func newSockmapLoop(env planeEnv, maps *loader.Sockmap, counters *sockmapCounters, pipes *pipeBudget) *sockmapPlane {
 	return &sockmapPlane{
 		env:             env,
 		maps:            maps,
 		counters:        counters,
+		pipes:           pipePool{budget: pipes},
 		maxPauseBacklog: maxPauseBacklog,
 		tick:            tickPeriod,
 		conns:           map[*smConn]struct{}{},
@@ -287,6 +295,7 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 		return fmt.Errorf("create eventfd: %w", err)
 	}
 	defer unix.Close(p.wakefd)
+	defer p.pipes.closeAll()
 	p.headers = newHeaderWaits(p.env, p.epfd, true)
 	if err := p.epollCtl(unix.EPOLL_CTL_ADD, p.lnfd, p.lnEvents); err != nil {
 		return err
@@ -598,7 +607,7 @@ func (p *sockmapPlane) onTick(now time.Time) {
 			}
 		}
 		if c.phase == connUnpaired {
-			if !now.Before(c.pairBy) && p.pairLate(c) {
+			if !now.Before(c.pairBy) && !c.streams() && p.pairLate(c) {
 				p.settle(c)
 			}
 			continue
