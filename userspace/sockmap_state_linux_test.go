@@ -202,3 +202,50 @@ func TestDirectionLifeCopiedThenPairedLate(t *testing.T) {
 		t.Fatalf("paired while dialling: %v, want refused", err)
 	}
 }
+
+// A direction that filled a read streams until a window's reads average
+// under streamReadBytes; a window without reads keeps it streaming, and
+// one that never filled a read is paired whatever it moved.
+func TestStreamingDecidesPairing(t *testing.T) {
+	windowOf := func(reads, each int) pairingWindow {
+		var w pairingWindow
+		for range reads {
+			w.add(each)
+		}
+		return w
+	}
+	cases := []struct {
+		name      string
+		streaming bool
+		window    pairingWindow
+		want      bool
+	}{
+		{"never filled a read", false, windowOf(40, 60<<10), false},
+		{"stream reading big", true, windowOf(10, readChunk), true},
+		{"stream, quiet window (a slow receiver)", true, pairingWindow{}, true},
+		{"stream turned to messages", true, windowOf(50, 2048), false},
+		{"stream at the threshold", true, windowOf(4, streamReadBytes), true},
+		{"stream just under it", true, windowOf(4, streamReadBytes-1), false},
+	}
+	for _, tc := range cases {
+		d := direction{streaming: tc.streaming, window: tc.window}
+		if got := d.streamingNow(); got != tc.want {
+			t.Errorf("%s: streaming %v, want %v", tc.name, got, tc.want)
+		}
+		if d.window != (pairingWindow{}) {
+			t.Errorf("%s: the window was not restarted: %+v", tc.name, d.window)
+		}
+		if d.streaming != tc.want {
+			t.Errorf("%s: flag left at %v, want %v", tc.name, d.streaming, tc.want)
+		}
+	}
+	var c smConn
+	c.client.streaming, c.client.window = true, windowOf(3, readChunk)
+	c.backend.window = windowOf(3, 100)
+	if !c.streams() {
+		t.Errorf("a connection streaming one way was paired")
+	}
+	if c.backend.window != (pairingWindow{}) {
+		t.Errorf("streams judged one direction only: the backend's window is %+v", c.backend.window)
+	}
+}

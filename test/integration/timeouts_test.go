@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -255,121 +256,192 @@ func tcpMemPages(t *testing.T) int {
 }
 
 // TestStoppedReaderBudgetAndStall: backends write without end to clients
-// that never read. On the sockmap plane the bytes the proxy parks in kernel
-// queues stay within EDGEPROXY_MAX_BUFFERED_MB for all connections together;
-// on both planes the stalled connections are reset after
-// EDGEPROXY_STALL_TIMEOUT_SECS plus the sweep period.
+// that never read. The bytes the proxy parks in kernel queues stay within
+// EDGEPROXY_MAX_BUFFERED_MB for all connections together, and the stalled
+// connections are reset after EDGEPROXY_STALL_TIMEOUT_SECS plus the sweep
+// period. Each plane runs it twice: with the stream from the first byte
+// (on the sockmap plane it stays spliced through a pipe, never paired) and
+// after 60 ms of request/response exchange (on the sockmap plane the
+// connections are paired first, so the kernel's redirect and its pauses
+// carry the stream).
 func TestStoppedReaderBudgetAndStall(t *testing.T) {
 	forEachPlane(t, func(t *testing.T, plane string) {
-		topo := nettest.NewTopology(t)
-		const conns, budgetMiB = 8, 16
-		const stall = 2 * time.Second
-		type writerEnd struct {
-			at      time.Time
-			written int64
-			err     error
+		for _, messagesFirst := range []bool{false, true} {
+			name := "stream"
+			if messagesFirst {
+				name = "messages_then_stream"
+			}
+			t.Run(name, func(t *testing.T) { stoppedReaders(t, plane, messagesFirst) })
 		}
-		ends := make(chan writerEnd, conns)
-		nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", func(c *net.TCPConn) {
-			_ = c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			n, err := io.Copy(struct{ io.Writer }{c}, nettest.NewStream(1))
-			ends <- writerEnd{time.Now(), n, err}
-		})
-		startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)}, adminEnv,
-			fmt.Sprintf("EDGEPROXY_MAX_BUFFERED_MB=%d", budgetMiB),
-			fmt.Sprintf("EDGEPROXY_STALL_TIMEOUT_SECS=%d", int(stall/time.Second)),
-			"EDGEPROXY_HEALTH_INTERVAL_SECS=0")
-		baseGlobal := tcpMemPages(t)
+	})
+}
 
-		var clients []*net.TCPConn
-		defer func() {
-			for _, c := range clients {
-				c.Close()
-			}
-		}()
-		for i := range conns {
-			c, err := nettest.Dial(topo.Client, proxyAddr, 2*time.Second)
-			if err != nil {
-				t.Fatalf("connection %d: %v", i, err)
-			}
-			clients = append(clients, c)
-		}
-		connected := time.Now()
+// stoppedReadersGo ends the request/response phase of stoppedReaders: the
+// backend streams from then on.
+var stoppedReadersGo = []byte("go")
 
-		// Sample until every writer ended or the bound passed. The
-		// machine's TCP memory less what the client and backend hosts
-		// queue estimates the proxy's share, sockmap's own queues
-		// included; other work on the machine moves it too, so it is
-		// logged, not asserted.
-		sweep := max(time.Second, stall/4)
-		bound := stall + sweep + 3*time.Second
-		var maxParked, maxQueued, maxShare int
-		var atMax tcpSockets // the sample with the most parked
-		var got []writerEnd
-		for time.Since(connected) < bound && len(got) < conns {
-			prx := ssTCP(t, topo.Proxy, 9000)
-			others := ssTCP(t, topo.Client, 9000).queued + ssTCP(t, topo.Backend, 9000).queued
-			if prx.parked > maxParked {
-				maxParked, atMax = prx.parked, prx
-			}
-			maxQueued = max(maxQueued, prx.queued)
-			maxShare = max(maxShare, (tcpMemPages(t)-baseGlobal)*4096-others)
-		drain:
+func stoppedReaders(t *testing.T, plane string, messagesFirst bool) {
+	topo := nettest.NewTopology(t)
+	const conns, budgetMiB = 8, 16
+	const stall = 2 * time.Second
+	type writerEnd struct {
+		at      time.Time
+		written int64
+		err     error
+	}
+	ends := make(chan writerEnd, conns)
+	nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", func(c *net.TCPConn) {
+		if messagesFirst {
+			// Echo 64-byte messages until one starts with "go".
+			msg := make([]byte, 64)
 			for {
-				select {
-				case e := <-ends:
-					got = append(got, e)
-				default:
-					break drain
+				if _, err := io.ReadFull(c, msg); err != nil {
+					return
+				}
+				if bytes.HasPrefix(msg, stoppedReadersGo) {
+					break
+				}
+				if _, err := c.Write(msg); err != nil {
+					return
 				}
 			}
-			time.Sleep(100 * time.Millisecond)
 		}
-		t.Logf("%s: %d stopped readers: the proxy held up to %d KiB of payload; its socket queues up to %d KiB of memory; the machine's TCP memory less the client's and backends' queues grew by up to %d KiB",
-			plane, conns, maxParked>>10, maxQueued>>10, maxShare>>10)
-		t.Logf("%s: of the %d KiB held at most, %d KiB waited in the Recv-Q of sockets to backends, %d KiB in the Send-Q of sockets to clients, %d KiB elsewhere (psock queues or pipes)",
-			plane, atMax.parked>>10, atMax.backendRecvQ>>10, atMax.clientSendQ>>10, (atMax.parked-atMax.backendRecvQ-atMax.clientSendQ)>>10)
+		_ = c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		n, err := io.Copy(struct{ io.Writer }{c}, nettest.NewStream(1))
+		ends <- writerEnd{time.Now(), n, err}
+	})
+	p := startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)}, adminEnv,
+		fmt.Sprintf("EDGEPROXY_MAX_BUFFERED_MB=%d", budgetMiB),
+		fmt.Sprintf("EDGEPROXY_STALL_TIMEOUT_SECS=%d", int(stall/time.Second)),
+		"EDGEPROXY_HEALTH_INTERVAL_SECS=0")
+	baseGlobal := tcpMemPages(t)
 
-		// The budget bounds what is parked before directions pause; what
-		// the backends had in flight then still lands. Allow 2 MiB of that
-		// per connection: 16 + 8x2 = 32 MiB, where a per-connection pause
-		// at 32 MiB lets 8 stopped readers park 256 MiB.
-		// The splice plane holds the same bound through each socket's
-		// receive buffer, capped at its share when the connection starts.
-		// The sockmap plane decides pauses on its 5 ms tick, so one tick of
-		// growth at line rate (10 Gbit/s: 6.25 MB, 8 MiB here) can land
-		// beyond the shares before the pauses do.
-		const tickAtLineRate = 8 << 20
-		if limit := budgetMiB<<20 + conns*2<<20 + tickAtLineRate; maxParked > limit {
-			t.Errorf("the proxy held up to %d KiB for %d stopped readers, want at most %d KiB (the %d MiB budget + 2 MiB in flight per connection + one tick at line rate)",
-				maxParked>>10, conns, limit>>10, budgetMiB)
+	var clients []*net.TCPConn
+	defer func() {
+		for _, c := range clients {
+			c.Close()
 		}
-		// Each skb's truesize is up to about twice its payload on veth.
-		if limit := 2 * (budgetMiB<<20 + conns*2<<20); maxQueued > limit {
-			t.Errorf("the proxy's socket queues took up to %d KiB of kernel memory for %d stopped readers, want at most %d KiB (twice the payload bound for skb overhead)",
-				maxQueued>>10, conns, limit>>10)
+	}()
+	for i := range conns {
+		c, err := nettest.Dial(topo.Client, proxyAddr, 2*time.Second)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
 		}
-
-		if len(got) < conns {
-			t.Fatalf("%d of %d backends still writing %s after the clients stopped reading; want each reset within %s (stall %s + sweep %s + 3s)",
-				conns-len(got), conns, time.Since(connected).Round(10*time.Millisecond), bound, stall, sweep)
-		}
-		for i, e := range got {
-			after := e.at.Sub(connected)
-			t.Logf("backend writer %d ended %s after connect, %d KiB written: %v", i, after.Round(10*time.Millisecond), e.written>>10, e.err)
-			if after < stall*3/4 {
-				t.Errorf("backend writer %d ended %s after connect, before the %s stall timeout: %v", i, after.Round(10*time.Millisecond), stall, e.err)
-			}
-			if e.err == nil || isTimeout(e.err) {
-				t.Errorf("backend writer %d ended with %v, want a reset", i, e.err)
-			}
+		clients = append(clients, c)
+	}
+	if messagesFirst {
+		exchangeMessages(t, clients, 60*time.Millisecond)
+		if s, pr := p.mapEntries(t); plane == "sockmap" && (s != 2*conns || pr != 2*conns) {
+			t.Fatalf("after 60 ms of messages: %d sockhash entries and %d pairings, want %d each (every connection paired)", s, pr, 2*conns)
 		}
 		for i, c := range clients {
-			err, ended := endedBy(c, 2*time.Second)
-			if !ended || !errors.Is(err, syscall.ECONNRESET) {
-				t.Errorf("client %d (stopped reading): after reading what was queued, %v (ended %v); want a reset", i, err, ended)
+			msg := make([]byte, 64)
+			copy(msg, stoppedReadersGo)
+			if _, err := c.Write(msg); err != nil {
+				t.Fatalf("connection %d: start the stream: %v", i, err)
 			}
 		}
-		waitActive(t, topo.Proxy, 0, 2*time.Second, "no connection left")
-	})
+	}
+	connected := time.Now()
+
+	// Sample until every writer ended or the bound passed. The
+	// machine's TCP memory less what the client and backend hosts
+	// queue estimates the proxy's share, sockmap's own queues
+	// included; other work on the machine moves it too, so it is
+	// logged, not asserted.
+	sweep := max(time.Second, stall/4)
+	bound := stall + sweep + 3*time.Second
+	var maxParked, maxQueued, maxShare int
+	var atMax tcpSockets // the sample with the most parked
+	var got []writerEnd
+	for time.Since(connected) < bound && len(got) < conns {
+		prx := ssTCP(t, topo.Proxy, 9000)
+		others := ssTCP(t, topo.Client, 9000).queued + ssTCP(t, topo.Backend, 9000).queued
+		if prx.parked > maxParked {
+			maxParked, atMax = prx.parked, prx
+		}
+		maxQueued = max(maxQueued, prx.queued)
+		maxShare = max(maxShare, (tcpMemPages(t)-baseGlobal)*4096-others)
+	drain:
+		for {
+			select {
+			case e := <-ends:
+				got = append(got, e)
+			default:
+				break drain
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("%s: %d stopped readers: the proxy held up to %d KiB of payload; its socket queues up to %d KiB of memory; the machine's TCP memory less the client's and backends' queues grew by up to %d KiB",
+		plane, conns, maxParked>>10, maxQueued>>10, maxShare>>10)
+	t.Logf("%s: of the %d KiB held at most, %d KiB waited in the Recv-Q of sockets to backends, %d KiB in the Send-Q of sockets to clients, %d KiB elsewhere (psock queues or pipes)",
+		plane, atMax.parked>>10, atMax.backendRecvQ>>10, atMax.clientSendQ>>10, (atMax.parked-atMax.backendRecvQ-atMax.clientSendQ)>>10)
+
+	// The budget bounds what is parked before directions pause; what
+	// the backends had in flight then still lands. Allow 2 MiB of that
+	// per connection: 16 + 8x2 = 32 MiB, where a per-connection pause
+	// at 32 MiB lets 8 stopped readers park 256 MiB.
+	// The splice plane holds the same bound through each socket's
+	// receive buffer, capped at its share when the connection starts.
+	// The sockmap plane decides pauses on its 5 ms tick, so one tick of
+	// growth at line rate (10 Gbit/s: 6.25 MB, 8 MiB here) can land
+	// beyond the shares before the pauses do.
+	const tickAtLineRate = 8 << 20
+	if limit := budgetMiB<<20 + conns*2<<20 + tickAtLineRate; maxParked > limit {
+		t.Errorf("the proxy held up to %d KiB for %d stopped readers, want at most %d KiB (the %d MiB budget + 2 MiB in flight per connection + one tick at line rate)",
+			maxParked>>10, conns, limit>>10, budgetMiB)
+	}
+	// Each skb's truesize is up to about twice its payload on veth.
+	if limit := 2 * (budgetMiB<<20 + conns*2<<20); maxQueued > limit {
+		t.Errorf("the proxy's socket queues took up to %d KiB of kernel memory for %d stopped readers, want at most %d KiB (twice the payload bound for skb overhead)",
+			maxQueued>>10, conns, limit>>10)
+	}
+
+	if len(got) < conns {
+		t.Fatalf("%d of %d backends still writing %s after the clients stopped reading; want each reset within %s (stall %s + sweep %s + 3s)",
+			conns-len(got), conns, time.Since(connected).Round(10*time.Millisecond), bound, stall, sweep)
+	}
+	for i, e := range got {
+		after := e.at.Sub(connected)
+		t.Logf("backend writer %d ended %s after connect, %d KiB written: %v", i, after.Round(10*time.Millisecond), e.written>>10, e.err)
+		if after < stall*3/4 {
+			t.Errorf("backend writer %d ended %s after connect, before the %s stall timeout: %v", i, after.Round(10*time.Millisecond), stall, e.err)
+		}
+		if e.err == nil || isTimeout(e.err) {
+			t.Errorf("backend writer %d ended with %v, want a reset", i, e.err)
+		}
+	}
+	for i, c := range clients {
+		err, ended := endedBy(c, 2*time.Second)
+		if !ended || !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("client %d (stopped reading): after reading what was queued, %v (ended %v); want a reset", i, err, ended)
+		}
+	}
+	waitActive(t, topo.Proxy, 0, 2*time.Second, "no connection left")
+}
+
+// exchangeMessages has every client send 64-byte messages and read each
+// echo back, byte-exact, for d.
+func exchangeMessages(t *testing.T, clients []*net.TCPConn, d time.Duration) {
+	t.Helper()
+	msg, back := make([]byte, 64), make([]byte, 64)
+	for end, round := time.Now().Add(d), 0; time.Now().Before(end); round++ {
+		for i, c := range clients {
+			for j := range msg {
+				msg[j] = byte('a' + (i+round+j)%26)
+			}
+			_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+			if _, err := c.Write(msg); err != nil {
+				t.Fatalf("connection %d: message %d: %v", i, round, err)
+			}
+			if _, err := io.ReadFull(c, back); err != nil {
+				t.Fatalf("connection %d: echo of message %d: %v", i, round, err)
+			}
+			if !bytes.Equal(msg, back) {
+				t.Fatalf("connection %d: echo of message %d is %q, want %q", i, round, back, msg)
+			}
+			_ = c.SetDeadline(time.Time{})
+		}
+	}
 }
