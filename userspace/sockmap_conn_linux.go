@@ -298,8 +298,8 @@ func (p *sockmapPlane) startCopying(c *smConn) error {
 	return p.register(&c.client, epollIn)
 }
 
-// pairLate moves a connection that copied for pairAfterAge, or
-// pairAfterBytes one way, into the sockhash, so the kernel splices the
+// pairLate moves a connection that lived pairAfterAge without streaming
+// into the sockhash, so the kernel splices the
 // rest. Byte order holds because every byte userspace read is in the
 // peer's send queue before the insert (drainCopy), and bytes that arrive
 // after the last read wait in the source's queue: once the socket is in

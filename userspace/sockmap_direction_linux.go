@@ -26,11 +26,12 @@ const (
 	// dirWaiting: the backend is being dialled. Bytes wait in the source
 	// socket's receive queue; neither socket is in the sockhash yet.
 	dirWaiting directionState = iota
-	// dirUnpaired: the connection is young. Userspace copies its bytes,
-	// as in dirCopying, until the connection shows it is worth pairing
-	// (pairAfterBytes, pairAfterAge): most connections end first and
-	// never pay for the sockhash inserts, the psock set-up and teardown,
-	// or a kernel worker's wake-up per message.
+	// dirUnpaired: the connection is young, or streams. Userspace moves
+	// its bytes (read/write, or splice through a pipe once it streams)
+	// until the connection shows it is worth pairing (pairAfterAge,
+	// neither direction streaming): most connections end first and never
+	// pay for the sockhash inserts, the psock set-up and teardown, or a
+	// kernel worker's wake-up per message.
 	dirUnpaired
 	// dirCatchingUp: paired but unarmed. The verdict counts each skb and
 	// passes it to the source's own queue; userspace reads exactly the
