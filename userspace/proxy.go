@@ -179,7 +179,7 @@ func New(cfg Config, log *slog.Logger) (*Proxy, error) {
 	if p.adminLn != nil {
 		adminConns = defaultAdminLimits.MaxConns
 	}
-	fileCap := maxConnsForFileLimit(p.plane.Name(), cfg.Health.Workers, adminConns)
+	fileCap := maxConnsForFileLimit(cfg.Health.Workers, adminConns)
 	p.admission.maxConns = int64(cfg.MaxConns)
 	switch {
 	case cfg.MaxConns == 0:
@@ -349,11 +349,11 @@ const clientsTracked = 1 << 16
 // refuses a client before descriptors run out. The reserve is what the
 // process holds already (listeners, BPF objects, the database watcher),
 // what the admin server may hold at most, one per health probe in flight,
-// and a margin. A connection holds 2 descriptors on the sockmap plane. On
-// the splice plane an idle one holds its 2 sockets too; the pipes (2
+// and a margin. A connection holds its 2 sockets; the pipes (2
 // descriptors each) are lent only to directions with bytes in flight, at
-// most one per 4 connections (spliceConnsForFiles).
-func maxConnsForFileLimit(plane string, healthWorkers, adminConns int) int64 {
+// most one per 4 connections (spliceConnsForFiles): on the splice plane to
+// every such direction, on the sockmap plane to the streaming ones.
+func maxConnsForFileLimit(healthWorkers, adminConns int) int64 {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == ^uint64(0) {
 		return 0
@@ -362,11 +362,7 @@ func maxConnsForFileLimit(plane string, healthWorkers, adminConns int) int64 {
 	if lim.Cur <= reserve {
 		return 1
 	}
-	conns := (lim.Cur - reserve) / 2
-	if plane == "splice" {
-		conns = spliceConnsForFiles(lim.Cur - reserve)
-	}
-	return int64(max(conns, 1))
+	return int64(max(spliceConnsForFiles(lim.Cur-reserve), 1))
 }
 
 // fileMargin covers descriptors opened briefly: a routing.db reload, a geo
@@ -789,6 +785,6 @@ func RaiseFileLimit(log *slog.Logger) {
 		}
 	}
 	if lim.Cur < 65536 {
-		log.Warn("open-file limit is low: each connection holds 2 descriptors (and a pipe of 2 while bytes are in flight on the splice plane)", "limit", lim.Cur)
+		log.Warn("open-file limit is low: each connection holds 2 descriptors (and a pipe of 2 while bytes are in flight: every direction on the splice plane, streaming ones on the sockmap plane)", "limit", lim.Cur)
 	}
 }
