@@ -321,6 +321,11 @@ func (p *sockmapPlane) pairLate(c *smConn) bool {
 			return true
 		}
 	}
+	if c.client.streaming || c.backend.streaming {
+		// The drain just filled a read: a stream began since the tick
+		// judged the window.
+		return true
+	}
 	if err := p.pair(c); err != nil {
 		p.env.log.Error("pair sockets failed", "client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 		p.reset(c, "pair_failed", err.Error())
@@ -568,6 +573,17 @@ func (p *sockmapPlane) teardownExcept(c *smConn, hard bool, dead *endpoint, how 
 		Client: c.clientAddr, Backend: c.lease.Backend.ID,
 		BytesIn: in, BytesOut: out, Duration: time.Since(c.start), End: how, Dataplane: "sockmap",
 	})
+}
+
+// holdsBytes reports whether userspace holds bytes of c that a remote has
+// not taken yet: pending or in a pipe.
+func (c *smConn) holdsBytes() bool {
+	for _, ep := range []*endpoint{&c.client, &c.backend} {
+		if len(ep.pending) > 0 || ep.inPipe > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // returnPipe gives back the pipe of ep's direction when it ends: to the

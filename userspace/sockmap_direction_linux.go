@@ -169,6 +169,10 @@ type direction struct {
 	// loop's pool only while bytes are in it.
 	pipe   *splicePipe
 	inPipe int
+	// movedOut is what userspace wrote to the peer from pending or the
+	// pipe: the idle sweep counts it as activity, since a slow receiver
+	// taking those bytes leaves settled unchanged.
+	movedOut uint64
 	// streaming is set once a read of the unpaired direction filled the
 	// whole buffer: more is queued than one read takes, so later reads
 	// splice instead of copying.
@@ -399,6 +403,9 @@ func (p *sockmapPlane) copyForward(src *endpoint) bool {
 // It stops after maxForwardRounds reads, for the tick to resume, so a
 // fast sender cannot starve the other connections.
 func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
+	// An empty pipe goes back to the pool whenever the loop leaves the
+	// direction: one that went quiet, or ended, holds none.
+	defer p.putEmptyPipe(src)
 	for range maxForwardRounds {
 		if done, alive := p.flushPending(src); !done {
 			return false, alive
@@ -449,6 +456,14 @@ func (p *sockmapPlane) startStreaming(src *endpoint) {
 	}
 }
 
+// putEmptyPipe gives src's pipe back to the pool once it holds nothing.
+func (p *sockmapPlane) putEmptyPipe(src *endpoint) {
+	if src.pipe != nil && src.inPipe == 0 {
+		p.pipes.put(src.pipe)
+		src.pipe = nil
+	}
+}
+
 // readSource takes the next bytes of src's receive queue: into a pipe by
 // splice(2) once an unpaired direction streams and a pipe is free, else
 // into the loop's buffer. A socket in the sockhash (the rare copying
@@ -463,11 +478,16 @@ func (p *sockmapPlane) readSource(src *endpoint) (n int, spliced bool, err error
 			src.pipe = pipe
 		}
 		if src.pipe != nil {
-			n64, err := unix.Splice(src.fd, nil, src.pipe.w, nil, src.pipe.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if n64 > 0 {
-				src.inPipe = int(n64)
+			for {
+				n64, err := unix.Splice(src.fd, nil, src.pipe.w, nil, src.pipe.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				if errors.Is(err, unix.EINTR) {
+					continue
+				}
+				if n64 > 0 {
+					src.inPipe = int(n64)
+				}
+				return int(n64), true, err
 			}
-			return int(n64), true, err
 		}
 	}
 	n, err = unix.Read(src.fd, p.buf)
@@ -483,7 +503,11 @@ func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
 		n64, err := unix.Splice(src.pipe.r, nil, dst.fd, nil, src.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 		if n64 > 0 {
 			src.inPipe -= int(n64)
+			src.movedOut += uint64(n64)
 			countMoved(dst, int(n64))
+		}
+		if errors.Is(err, unix.EINTR) {
+			continue
 		}
 		if errors.Is(err, unix.EAGAIN) {
 			p.wantWritable(dst, true)
@@ -494,15 +518,11 @@ func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
 			return false, false
 		}
 	}
-	if src.pipe != nil {
-		// Empty: back to the pool, so an idle direction holds none.
-		p.pipes.put(src.pipe)
-		src.pipe = nil
-	}
 	for len(src.pending) > 0 {
 		n, err := unix.Write(dst.fd, src.pending)
 		if n > 0 {
 			src.pending = src.pending[n:]
+			src.movedOut += uint64(n)
 			countMoved(dst, n)
 		}
 		if errors.Is(err, unix.EAGAIN) {

@@ -633,7 +633,7 @@ func (p *sockmapPlane) sweep(now time.Time) {
 		}
 		moved := false
 		for _, ep := range []*endpoint{&c.client, &c.backend} {
-			n := ep.settledTotal()
+			n := ep.settledTotal() + ep.movedOut
 			if n != ep.sweptCount {
 				ep.sweptCount, moved = n, true
 				ep.peer.stallSince = time.Time{} // its bytes move: no stall there
@@ -643,7 +643,9 @@ func (p *sockmapPlane) sweep(now time.Time) {
 			c.lastActive = now
 			continue
 		}
-		if p.env.idleTimeout > 0 && now.Sub(c.lastActive) >= p.env.idleTimeout {
+		// Bytes still in userspace's hands would be lost to an orderly
+		// close: a connection holding some is stalled, not idle.
+		if p.env.idleTimeout > 0 && now.Sub(c.lastActive) >= p.env.idleTimeout && !c.holdsBytes() {
 			p.env.log.Debug("closing idle connection", "client", c.clientAddr, "backend", c.lease.Backend.ID, "idle", now.Sub(c.lastActive))
 			p.finishIdle(c)
 			continue

@@ -445,3 +445,62 @@ func exchangeMessages(t *testing.T, clients []*net.TCPConn, d time.Duration) {
 		}
 	}
 }
+
+// TestIdleTimeoutSparesSlowReader: a download whose client reads slowly
+// is not idle, though the proxy reads nothing from the backend while the
+// client drains what the proxy holds (on the sockmap plane a 1 MiB pipe of
+// a streaming direction): with a 1 s idle timeout, a client reading 16 KiB
+// every 200 ms for 3 s still gets every byte, then EOF.
+func TestIdleTimeoutSparesSlowReader(t *testing.T) {
+	forEachPlane(t, func(t *testing.T, plane string) {
+		topo := nettest.NewTopology(t)
+		const size = 2 << 20
+		nettest.Serve(t, topo.Backend, nettest.BackendIP+":9000", func(c *net.TCPConn) {
+			_ = c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.CopyN(struct{ io.Writer }{c}, nettest.NewStream(5), size); err != nil {
+				return
+			}
+			_ = c.CloseWrite()
+			_, _ = io.Copy(io.Discard, c)
+		})
+		startProxy(t, topo.Proxy, plane, []backendRow{backendAt("b1", 9000)},
+			"EDGEPROXY_IDLE_TIMEOUT_SECS=1", "EDGEPROXY_HEALTH_INTERVAL_SECS=0")
+
+		c, err := nettest.Dial(topo.Client, proxyAddr, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		// A small receive window keeps most of the download in the proxy.
+		if err := c.SetReadBuffer(16 << 10); err != nil {
+			t.Fatal(err)
+		}
+		want := nettest.NewStream(5)
+		buf, exp := make([]byte, 16<<10), make([]byte, 16<<10)
+		var got int
+		slowUntil := time.Now().Add(3 * time.Second)
+		_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		for {
+			n, err := c.Read(buf)
+			if n > 0 {
+				_, _ = io.ReadFull(want, exp[:n])
+				if !bytes.Equal(buf[:n], exp[:n]) {
+					t.Fatalf("byte %d onwards differs from what the backend sent", got)
+				}
+				got += n
+			}
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("after %d of %d bytes: %v", got, size, err)
+			}
+			if time.Now().Before(slowUntil) {
+				time.Sleep(200 * time.Millisecond)
+			}
+		}
+		if got != size {
+			t.Fatalf("%s: the slow reader got %d of %d bytes, then EOF: the idle timeout cut the download", plane, got, size)
+		}
+	})
+}
