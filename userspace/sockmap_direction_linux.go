@@ -423,6 +423,7 @@ func (p *sockmapPlane) drainCopy(src *endpoint) (drained, alive bool) {
 		}
 		src.settled += uint64(n)
 		src.window.add(n)
+		src.conn.lastRead = p.now
 		if spliced {
 			// The pipe is flushed at the top of the next round; a short
 			// splice proves nothing (a pipe fills by slots, not bytes),

@@ -49,6 +49,9 @@ type sockmapPlane struct {
 	unpairs  []loader.Pair
 	unpairBy time.Time
 	buf      []byte
+	// now is when the loop last woke from epoll: the time of what it
+	// reads in that round, without a clock read per read.
+	now time.Time
 	// pipes lends the pipes a streaming unpaired direction splices
 	// through; their number is bounded across loops.
 	pipes pipePool
@@ -110,9 +113,14 @@ const (
 	// set-up and RCU teardown, the SO_COOKIE reads and the kick, nor a
 	// psock worker's wake-up per message (sk_psock_skb_redirect schedules
 	// sk_psock_backlog for every skb); one still exchanging messages after
-	// that long goes on doing so. A streaming connection is not paired
-	// (see streams).
+	// that long goes on doing so. A connection is paired only while it
+	// talks, and never while it streams (see judgeWindow).
 	pairAfterAge = 4 * tickPeriod
+	// talkingWithin is how recently an unpaired connection must have
+	// read something to be paired: two ticks, so a loop that woke late
+	// still counts a message of the last tick, while a connection that
+	// greeted at its start and went quiet (pairAfterAge ago) does not.
+	talkingWithin = 2 * tickPeriod
 	// streamReadBytes is the mean read, over a pairing window, at which a
 	// direction counts as a stream and stays spliced through a pipe
 	// instead of being paired: a quarter of readChunk. A request/response
@@ -356,6 +364,7 @@ func (p *sockmapPlane) serve(accept, stop context.Context, lnfd int) error {
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return fmt.Errorf("epoll wait: %w", err)
 		}
+		p.now = time.Now()
 		for i := range max(n, 0) {
 			p.dispatch(int(events[i].Fd), events[i].Events)
 		}
@@ -607,7 +616,9 @@ func (p *sockmapPlane) onTick(now time.Time) {
 			}
 		}
 		if c.phase == connUnpaired {
-			if !now.Before(c.pairBy) && !c.streams() && p.pairLate(c) {
+			streaming := c.judgeWindow()
+			talking := now.Sub(c.lastRead) <= talkingWithin
+			if !now.Before(c.pairBy) && talking && !streaming && p.pairLate(c) {
 				p.settle(c)
 			}
 			continue

@@ -242,10 +242,14 @@ func TestStreamingDecidesPairing(t *testing.T) {
 	var c smConn
 	c.client.streaming, c.client.window = true, windowOf(3, readChunk)
 	c.backend.window = windowOf(3, 100)
-	if !c.streams() {
-		t.Errorf("a connection streaming one way was paired")
+	if !c.judgeWindow() {
+		t.Errorf("a connection streaming one way was not judged a stream")
 	}
 	if c.backend.window != (pairingWindow{}) {
-		t.Errorf("streams judged one direction only: the backend's window is %+v", c.backend.window)
+		t.Errorf("judgeWindow judged one direction only: the backend's window is %+v", c.backend.window)
+	}
+	// Nothing read since: still a stream.
+	if !c.judgeWindow() {
+		t.Errorf("a quiet window ended a stream")
 	}
 }
