@@ -600,11 +600,7 @@ func (p *sockmapPlane) returnPipe(ep *endpoint) {
 	if ep.pipe == nil {
 		return
 	}
-	if ep.inPipe > 0 {
-		p.pipes.discard(ep.pipe)
-	} else {
-		p.pipes.put(ep.pipe)
-	}
+	p.pipes.release(ep.pipe, ep.inPipe)
 	ep.pipe, ep.inPipe = nil, 0
 }
 

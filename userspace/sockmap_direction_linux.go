@@ -479,16 +479,11 @@ func (p *sockmapPlane) readSource(src *endpoint) (n int, spliced bool, err error
 			src.pipe = pipe
 		}
 		if src.pipe != nil {
-			for {
-				n64, err := unix.Splice(src.fd, nil, src.pipe.w, nil, src.pipe.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				if errors.Is(err, unix.EINTR) {
-					continue
-				}
-				if n64 > 0 {
-					src.inPipe = int(n64)
-				}
-				return int(n64), true, err
+			n, err := src.pipe.fill(src.fd)
+			if n > 0 {
+				src.inPipe = n
 			}
+			return n, true, err
 		}
 	}
 	n, err = unix.Read(src.fd, p.buf)
@@ -501,14 +496,11 @@ func (p *sockmapPlane) readSource(src *endpoint) (n int, spliced bool, err error
 func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
 	dst := src.peer
 	for src.inPipe > 0 {
-		n64, err := unix.Splice(src.pipe.r, nil, dst.fd, nil, src.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-		if n64 > 0 {
-			src.inPipe -= int(n64)
-			src.movedOut += uint64(n64)
-			countMoved(dst, int(n64))
-		}
-		if errors.Is(err, unix.EINTR) {
-			continue
+		n, err := src.pipe.drain(dst.fd, src.inPipe)
+		if n > 0 {
+			src.inPipe -= n
+			src.movedOut += uint64(n)
+			countMoved(dst, n)
 		}
 		if errors.Is(err, unix.EAGAIN) {
 			p.wantWritable(dst, true)

@@ -250,9 +250,7 @@ func (l *spliceLoop) pump(d *spliceDirection) bool {
 		var n int
 		var err error
 		if d.pipe != nil {
-			var n64 int64
-			n64, err = unix.Splice(d.src.fd, nil, d.pipe.w, nil, d.pipe.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			n = int(n64)
+			n, err = d.pipe.fill(d.src.fd)
 		} else {
 			n, err = unix.Read(d.src.fd, l.buf)
 		}
@@ -286,9 +284,7 @@ func (l *spliceLoop) flush(d *spliceDirection) (done, alive bool) {
 		var n int
 		var err error
 		if d.inPipe > 0 {
-			var n64 int64
-			n64, err = unix.Splice(d.pipe.r, nil, d.dst.fd, nil, d.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			n = int(n64)
+			n, err = d.pipe.drain(d.dst.fd, d.inPipe)
 		} else {
 			n, err = unix.Write(d.dst.fd, d.pending)
 		}
@@ -377,11 +373,7 @@ func (l *spliceLoop) teardown(c *spliceConn, hard bool, how string) {
 	l.shared.active.Add(-1)
 	for _, d := range []*spliceDirection{&c.toBackend, &c.toClient} {
 		if d.pipe != nil {
-			if d.inPipe == 0 {
-				l.pipes.put(d.pipe)
-			} else {
-				l.pipes.discard(d.pipe)
-			}
+			l.pipes.release(d.pipe, d.inPipe)
 			d.pipe, d.inPipe = nil, 0
 		}
 		d.pending = nil

@@ -1,6 +1,7 @@
 package userspace
 
 import (
+	"errors"
 	"fmt"
 	"sync/atomic"
 
@@ -131,4 +132,35 @@ func (pp *pipePool) closeAll() {
 		pp.discard(p)
 	}
 	pp.idle = nil
+}
+
+// fill moves what the socket src has queued into the pipe, as much as the
+// pipe takes. 0 bytes is src's EOF.
+func (p *splicePipe) fill(src int) (int, error) {
+	for {
+		n, err := unix.Splice(src, nil, p.w, nil, p.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(err, unix.EINTR) {
+			return int(n), err
+		}
+	}
+}
+
+// drain moves up to n bytes of the pipe into the socket dst.
+func (p *splicePipe) drain(dst, n int) (int, error) {
+	for {
+		m, err := unix.Splice(p.r, nil, dst, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(err, unix.EINTR) {
+			return int(m), err
+		}
+	}
+}
+
+// release takes back a pipe whose direction ended: into the pool when it
+// holds nothing, closed with the held bytes otherwise.
+func (pp *pipePool) release(p *splicePipe, held int) {
+	if held == 0 {
+		pp.put(p)
+	} else {
+		pp.discard(p)
+	}
 }
