@@ -44,8 +44,12 @@ type clientResult struct {
 	Verified     int     `json:"verified_streams,omitempty"`
 
 	// conns
-	Conns       int64   `json:"conns,omitempty"`
-	ConnsPerSec float64 `json:"conns_per_sec,omitempty"`
+	Conns        int64   `json:"conns,omitempty"`
+	ConnsPerSec  float64 `json:"conns_per_sec,omitempty"`
+	CPUUsPerConn float64 `json:"cpu_us_per_conn,omitempty"`
+	// BusyShare is the machine's busy fraction over the window: a rate that
+	// falls short with CPU to spare is latency, not cost.
+	BusyShare float64 `json:"busy_share,omitempty"`
 
 	// rr
 	Requests       int64   `json:"requests,omitempty"`
@@ -440,17 +444,24 @@ func runConns(addr string, workers int, warm, window time.Duration, res *clientR
 		}(w)
 	}
 	time.Sleep(warm)
+	b0, t0j, err0 := cpuJiffies()
 	measuring.Store(true)
 	t0 := time.Now()
 	time.Sleep(window)
 	measuring.Store(false)
 	elapsed := time.Since(t0)
+	b1, t1j, err1 := cpuJiffies()
 	n := done.Load()
 	stop.Store(true)
 	wg.Wait()
 	res.Conns = n
 	res.Secs = elapsed.Seconds()
 	res.ConnsPerSec = float64(n) / elapsed.Seconds()
+	if err0 == nil && err1 == nil && n > 0 && t1j > t0j {
+		res.BusyCPUSecs = float64(b1-b0) / userHZ
+		res.CPUUsPerConn = res.BusyCPUSecs / float64(n) * 1e6
+		res.BusyShare = float64(b1-b0) / float64(t1j-t0j)
+	}
 	return nil
 }
 

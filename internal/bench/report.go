@@ -119,7 +119,7 @@ func (r *Results) label(m Metric) string {
 		if c.IdleConns > 0 {
 			l = fmt.Sprintf("%s (%s held)", l, fmtNum(float64(c.IdleConns), 0))
 		}
-	case mConns:
+	case mConns, mConnsCPU, mConnsBusy:
 		if c.ConnWorkers > 0 {
 			l = fmt.Sprintf("%s, %d concurrent", l, c.ConnWorkers)
 		}

@@ -53,6 +53,8 @@ const (
 	mCPUGB1    = "cpu_s_per_gb_1"
 	mCPUGB     = "cpu_s_per_gb"
 	mConns     = "conns_per_sec"
+	mConnsCPU  = "conns_cpu_us_per_conn"
+	mConnsBusy = "conns_busy_pct"
 	mRR        = "rr2k_per_sec"
 	mRRCPU     = "rr2k_cpu_us_per_req"
 	mRSS       = "rss_kib_per_conn"
@@ -80,6 +82,10 @@ var metrics = []Metric{
 	{mCPUGB1, "machine CPU per GB, 1 stream", "CPU s/GB", "lower", 2},
 	{mCPUGB, "machine CPU per GB, 4 streams", "CPU s/GB", "lower", 2},
 	{mConns, "new connections/s (connect, 64 B echo, close)", "conn/s", "higher", 0},
+	// The rate is the machine's busy share over its CPU per connection:
+	// these two say which of them a gap in the rate comes from.
+	{mConnsCPU, "machine CPU per new connection", "CPU µs/conn", "lower", 1},
+	{mConnsBusy, "machine busy during the new-connection run", "%", "higher", 0},
 	{mRR, "2 KiB request/response on keep-alive connections", "req/s", "higher", 0},
 	{mRRCPU, "machine CPU per 2 KiB request", "CPU µs/req", "lower", 1},
 	{mRSS, "proxy RSS per idle connection", "KiB", "lower", 1},
@@ -100,7 +106,7 @@ var metrics = []Metric{
 // charted says whether a metric is drawn in bench-chart.svg.
 func charted(k string) bool {
 	switch k {
-	case mHeld, mSlab, mSockperf, mSockSame, mRSS, mKernel, mSyscallsX:
+	case mHeld, mSlab, mSockperf, mSockSame, mRSS, mKernel, mSyscallsX, mConnsBusy:
 		return false
 	}
 	return true

@@ -715,7 +715,12 @@ func (b *bench) runWorkload(round int, c *contender, w string) {
 		res, errOut, err = b.client(timed, "conns", c.addr, "-workers", strconv.Itoa(b.cfg.ConnWorkers), "-secs", secs, "-warm-secs", warm)
 		if err == nil && res != nil {
 			b.record(&run, mConns, res.ConnsPerSec)
-			b.logf("[%d/%d] %-18s new conns   %7.0f /s (%d concurrent)", round, b.cfg.Rounds, c.name, res.ConnsPerSec, b.cfg.ConnWorkers)
+			if res.CPUUsPerConn > 0 {
+				b.record(&run, mConnsCPU, res.CPUUsPerConn)
+				b.record(&run, mConnsBusy, 100*res.BusyShare)
+			}
+			b.logf("[%d/%d] %-18s new conns   %7.0f /s (%d concurrent)  CPU %.1f µs/conn, machine %.0f%% busy", round, b.cfg.Rounds, c.name,
+				res.ConnsPerSec, b.cfg.ConnWorkers, res.CPUUsPerConn, 100*res.BusyShare)
 		}
 	case "rr2k":
 		res, errOut, err = b.client(timed, "rr", c.addr, "-conns", strconv.Itoa(b.cfg.RRConns), "-size", strconv.Itoa(b.cfg.RRSize),
