@@ -4,7 +4,9 @@
 GO ?= go
 BPF_CLANG ?= clang-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror -mcpu=v3
-VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+# -dirty only for changes outside docs/: `make bench` rewrites docs/ before it
+# builds, and documentation does not change the binary.
+VERSION ?= $(shell git describe --always 2>/dev/null || echo dev)$(shell git status --porcelain --untracked-files=no -- . ':!docs' 2>/dev/null | grep -q . && echo -dirty)
 BIN := bin/edgeproxy
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 TEST_TIMEOUT ?= 20m
