@@ -490,6 +490,25 @@ func (p *sockmapPlane) readSource(src *endpoint) (n int, spliced bool, err error
 	return n, false, err
 }
 
+// wroteToPeer counts n bytes of src's direction as moved to its peer, and
+// says whether flushPending must stop: the peer is full (EPOLLOUT resumes
+// it) or the connection was reset for err (alive false then).
+func (p *sockmapPlane) wroteToPeer(src *endpoint, n int, err error, what string) (stop, alive bool) {
+	if n > 0 {
+		src.movedOut += uint64(n)
+		countMoved(src.peer, n)
+	}
+	if errors.Is(err, unix.EAGAIN) {
+		p.wantWritable(src.peer, true)
+		return true, true
+	}
+	if err != nil {
+		p.reset(src.conn, "reset", what+": "+err.Error())
+		return true, false
+	}
+	return false, true
+}
+
 // flushPending writes what src's peer has not taken yet of the bytes
 // userspace read from src. done is false while the peer is full (EPOLLOUT
 // resumes it); alive is false when the connection was reset.
@@ -499,32 +518,18 @@ func (p *sockmapPlane) flushPending(src *endpoint) (done, alive bool) {
 		n, err := src.pipe.drain(dst.fd, src.inPipe)
 		if n > 0 {
 			src.inPipe -= n
-			src.movedOut += uint64(n)
-			countMoved(dst, n)
 		}
-		if errors.Is(err, unix.EAGAIN) {
-			p.wantWritable(dst, true)
-			return false, true
-		}
-		if err != nil {
-			p.reset(src.conn, "reset", "splice to peer: "+err.Error())
-			return false, false
+		if stop, alive := p.wroteToPeer(src, n, err, "splice to peer"); stop {
+			return false, alive
 		}
 	}
 	for len(src.pending) > 0 {
 		n, err := unix.Write(dst.fd, src.pending)
 		if n > 0 {
 			src.pending = src.pending[n:]
-			src.movedOut += uint64(n)
-			countMoved(dst, n)
 		}
-		if errors.Is(err, unix.EAGAIN) {
-			p.wantWritable(dst, true)
-			return false, true
-		}
-		if err != nil {
-			p.reset(src.conn, "reset", "write to peer: "+err.Error())
-			return false, false
+		if stop, alive := p.wroteToPeer(src, n, err, "write to peer"); stop {
+			return false, alive
 		}
 	}
 	p.wantWritable(dst, false)
