@@ -445,3 +445,36 @@ func TestBareFINSetsFlowFINAfterTheCount(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A client socket that is no longer established (its remote sent FIN
+// before the pairing) cannot enter the sockhash. The failed pairing leaves
+// nothing behind, flow slots included: the caller copies such a connection
+// in userspace and never unpairs it.
+func TestFailedPairingReleasesFlowSlots(t *testing.T) {
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	remoteClient, clientSide := socketPair(t)
+	backendSide, _ := socketPair(t)
+	remoteClient.Close()
+	// Reading EOF proves the FIN arrived: the socket is in CLOSE_WAIT.
+	clientSide.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if n, err := clientSide.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("read after the remote closed: %d bytes, %v; want EOF", n, err)
+	}
+	cfd, ccookie := fdCookie(t, clientSide)
+	bfd, bcookie := fdCookie(t, backendSide)
+	err = s.Pair(Pair{ClientFD: cfd, BackendFD: bfd, ClientCookie: ccookie, BackendCookie: bcookie})
+	if !errors.Is(err, ErrNotEstablished) || errors.Is(err, ErrClientStaysPaired) {
+		t.Fatalf("pairing a half-closed client socket: %v; want ErrNotEstablished without ErrClientStaysPaired", err)
+	}
+	if sockets, pairings, err := s.CountEntries(); err != nil || sockets != 0 || pairings != 0 {
+		t.Fatalf("after the failed pairing: %d sockets, %d pairings, %v; want empty maps", sockets, pairings, err)
+	}
+	if n, err := CountPinnedFlows(s.PinPath); err != nil || n != 0 {
+		t.Fatalf("after the failed pairing: %d flow slots owned, %v; want none", n, err)
+	}
+}

@@ -396,6 +396,12 @@ func (s *Sockmap) releaseFlow(fd int, cookie uint64) {
 	}
 }
 
+// releaseFlows gives back the flow slots of both sockets of p.
+func (s *Sockmap) releaseFlows(p Pair) {
+	s.releaseFlow(p.ClientFD, p.ClientCookie)
+	s.releaseFlow(p.BackendFD, p.BackendCookie)
+}
+
 // Pair connects the two sockets through the kernel. Both directions start
 // unarmed: the verdict counts their bytes and leaves them in each socket's
 // own queue until userspace has forwarded what came first and arms them.
@@ -415,10 +421,14 @@ func (s *Sockmap) Pair(p Pair) error {
 		{PeerCookie: p.ClientCookie, Flow: uint32(p.BackendFD), Counter: p.Backend*2 + BackendToClient},
 	}
 	if _, err := s.objs.Pairings.BatchUpdate(keys, values, nil); err != nil {
+		s.releaseFlows(p)
 		return fmt.Errorf("write pairings: %w", err)
 	}
 	if err := s.objs.Sockets.Update(p.ClientCookie, uint64(p.ClientFD), ebpf.UpdateAny); err != nil {
+		// Nothing of the pair stays: the caller will not unpair it, so
+		// flows claimed here would stay owned after both sockets close.
 		s.unpair(p)
+		s.releaseFlows(p)
 		return fmt.Errorf("insert client socket into sockhash: %w", establishedErr(err))
 	}
 	if err := s.objs.Sockets.Update(p.BackendCookie, uint64(p.BackendFD), ebpf.UpdateAny); err != nil {
@@ -447,8 +457,7 @@ func (s *Sockmap) Unpair(pairs ...Pair) error {
 	keys := make([]uint64, 0, 2*len(pairs))
 	for _, p := range pairs {
 		keys = append(keys, p.ClientCookie, p.BackendCookie)
-		s.releaseFlow(p.ClientFD, p.ClientCookie)
-		s.releaseFlow(p.BackendFD, p.BackendCookie)
+		s.releaseFlows(p)
 	}
 	for len(keys) > 0 {
 		n, err := s.objs.Pairings.BatchDelete(keys, nil)

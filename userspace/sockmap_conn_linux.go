@@ -356,24 +356,31 @@ func (p *sockmapPlane) pair(c *smConn) error {
 		ep.cookie = cookie
 	}
 	phase, ev := connSpliced, evPaired
-	if err := p.maps.Pair(loader.Pair{
+	err := p.maps.Pair(loader.Pair{
 		ClientFD: c.client.fd, BackendFD: c.backend.fd,
 		ClientCookie: c.client.cookie, BackendCookie: c.backend.cookie,
 		Backend: c.lease.state.index,
-	}); err != nil {
+	})
+	switch {
+	case err == nil:
+		c.mapSockets, c.mapPairings = 2, 2
+	case errors.Is(err, loader.ErrClientStaysPaired):
+		// Its pairings and flow slots go with the connection's unpair,
+		// whether it is copied on or torn down.
+		c.mapSockets, c.mapPairings = 1, 2
+	}
+	p.counters.pairedSockets.Add(c.mapSockets)
+	p.counters.pairings.Add(c.mapPairings)
+	if err != nil {
 		if !errors.Is(err, loader.ErrNotEstablished) {
 			return err
 		}
 		// A remote that sent FIN after userspace's last read: the
 		// connection is nearly over, userspace copies the rest.
 		phase, ev = connCopying, evPairedForCopy
-		if errors.Is(err, loader.ErrClientStaysPaired) {
-			c.mapSockets, c.mapPairings = 1, 2
-		}
 		p.env.log.Debug("socket half-closed before pairing, copying in userspace",
 			"client", c.clientAddr, "backend", c.lease.Backend.ID, "err", err)
 	} else {
-		c.mapSockets, c.mapPairings = 2, 2
 		// The verdict counts from zero: what userspace copied so far is,
 		// to TCP_INFO on the peer, sent ahead of every counted byte, as
 		// the PROXY header and early bytes are.
@@ -383,8 +390,6 @@ func (p *sockmapPlane) pair(c *smConn) error {
 			src.peer.base += src.copied
 		}
 	}
-	p.counters.pairedSockets.Add(c.mapSockets)
-	p.counters.pairings.Add(c.mapPairings)
 	if err := c.enter(phase); err != nil {
 		return err
 	}
