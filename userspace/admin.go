@@ -106,14 +106,17 @@ type EtcdStatus struct {
 
 // BackendStatus is one backend of the current routing table.
 type BackendStatus struct {
-	ID             string `json:"id"`
-	Region         string `json:"region"`
-	Country        string `json:"country"`
-	Address        string `json:"address"`
-	Healthy        bool   `json:"healthy"`
-	Weight         int    `json:"weight"`
-	SoftLimit      int    `json:"soft_limit"`
-	HardLimit      int    `json:"hard_limit"`
+	ID        string `json:"id"`
+	Region    string `json:"region"`
+	Country   string `json:"country"`
+	Address   string `json:"address"`
+	Healthy   bool   `json:"healthy"`
+	Weight    int    `json:"weight"`
+	SoftLimit int    `json:"soft_limit"`
+	HardLimit int    `json:"hard_limit"`
+	// ProxyProtocol is the PROXY header version sent to the backend
+	// (routing.db's proxy_protocol): 0 none, 1 or 2.
+	ProxyProtocol  int    `json:"proxy_protocol"`
 	Active         int64  `json:"active"`
 	Total          uint64 `json:"total"`
 	ConnectErrors  uint64 `json:"connect_errors"`
@@ -172,7 +175,7 @@ func (p *Proxy) Status() Status {
 		st.Backends = append(st.Backends, BackendStatus{
 			ID: b.ID, Region: b.Region, Country: b.Country, Address: b.AddrPort().String(),
 			Healthy: b.Healthy, Weight: b.Weight, SoftLimit: b.SoftLimit, HardLimit: b.HardLimit,
-			Active: c.Active, Total: c.Total, ConnectErrors: c.ConnectErrs,
+			ProxyProtocol: b.ProxyProtocol, Active: c.Active, Total: c.Total, ConnectErrors: c.ConnectErrs,
 			BytesToBackend: c.BytesIn, BytesToClient: c.BytesOut,
 			State: state, StateSince: c.Since, LastError: c.LastError, ConnectRetries: c.Retries,
 		})

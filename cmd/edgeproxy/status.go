@@ -92,11 +92,11 @@ func printStatus(w io.Writer, st userspace.Status) {
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "BACKEND\tREGION\tCOUNTRY\tADDRESS\tSTATE\tSINCE\tWEIGHT\tSOFT\tHARD\tACTIVE\tTOTAL\tERRORS\tRETRIES\tBYTES IN\tBYTES OUT")
+	fmt.Fprintln(tw, "BACKEND\tREGION\tCOUNTRY\tADDRESS\tSTATE\tSINCE\tWEIGHT\tSOFT\tHARD\tPROXY\tACTIVE\tTOTAL\tERRORS\tRETRIES\tBYTES IN\tBYTES OUT")
 	var lastErrors []string
 	for _, b := range st.Backends {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", b.ID, b.Region, b.Country, b.Address,
-			b.State, b.StateSince.Format(time.RFC3339), b.Weight, b.SoftLimit, b.HardLimit, b.Active, b.Total, b.ConnectErrors,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", b.ID, b.Region, b.Country, b.Address,
+			b.State, b.StateSince.Format(time.RFC3339), b.Weight, b.SoftLimit, b.HardLimit, proxyHeaderName(b.ProxyProtocol), b.Active, b.Total, b.ConnectErrors,
 			b.ConnectRetries, b.BytesToBackend, b.BytesToClient)
 		if b.LastError != "" {
 			lastErrors = append(lastErrors, fmt.Sprintf("%s: %s", b.ID, b.LastError))
@@ -109,4 +109,13 @@ func printStatus(w io.Writer, st userspace.Status) {
 			fmt.Fprintln(w, "  "+e)
 		}
 	}
+}
+
+// proxyHeaderName is the PROXY header a backend is sent, as the status
+// table shows it.
+func proxyHeaderName(version int) string {
+	if version == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("v%d", version)
 }

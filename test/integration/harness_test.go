@@ -369,6 +369,7 @@ type adminBackend struct {
 	LastError     string `json:"last_error"`
 	Active        int64  `json:"active"`
 	ConnectErrors uint64 `json:"connect_errors"`
+	ProxyProtocol int    `json:"proxy_protocol"`
 }
 
 func (s adminStatus) backend(id string) (adminBackend, bool) {

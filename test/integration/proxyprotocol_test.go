@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -231,7 +232,19 @@ func TestProxyProtocolToBackends(t *testing.T) {
 					{ID: "silent", Region: "sa", Addr: "10.77.2.99", Port: 9001, Healthy: true, Weight: 1},
 					{ID: "pp", Region: "us", Addr: nettest.BackendIP, Port: 9001, Healthy: true, Weight: 1, ProxyProtocol: version},
 				}
-				startProxy(t, topo.Proxy, plane, rows, "EDGEPROXY_HEALTH_INTERVAL_SECS=0", "EDGEPROXY_HEALTH_FALL=1000")
+				startProxy(t, topo.Proxy, plane, rows, adminEnv, "EDGEPROXY_HEALTH_INTERVAL_SECS=0", "EDGEPROXY_HEALTH_FALL=1000")
+				st := proxyStatus(t, topo.Proxy)
+				for _, r := range rows {
+					if b, ok := st.backend(r.ID); !ok || b.ProxyProtocol != r.ProxyProtocol {
+						t.Fatalf("GET /status backend %s: %+v (listed %v); want proxy_protocol %d", r.ID, b, ok, r.ProxyProtocol)
+					}
+				}
+				// `edgeproxy status` shows the header each backend is sent.
+				text, err := topo.Proxy.Command(binary, "status", "--admin", adminAddr).CombinedOutput()
+				if err != nil || !regexp.MustCompile(fmt.Sprintf(`(?m)^pp\s.*\sv%d\s`, version)).Match(text) ||
+					!regexp.MustCompile(`(?m)^silent\s.*\s-\s`).Match(text) {
+					t.Fatalf("edgeproxy status: %v; want pp sent v%d and silent none:\n%s", err, version, text)
+				}
 				c, err := nettest.Dial(topo.Client, nettest.ProxyClientIP+":8080", 2*time.Second)
 				if err != nil {
 					t.Fatal(err)
