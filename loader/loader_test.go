@@ -177,12 +177,7 @@ func fdCookie(t *testing.T, c *net.TCPConn) (int, uint64) {
 // Pairing puts both sockets and both pairing entries in; unpairing and
 // closing leave nothing behind.
 func TestPairUnpairLeavesNoEntries(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	_, clientSide := socketPair(t)
 	backendSide, _ := socketPair(t)
 	cfd, ccookie := fdCookie(t, clientSide)
@@ -206,12 +201,7 @@ func TestPairUnpairLeavesNoEntries(t *testing.T) {
 
 // Verdicts names every reason, so metrics show zeros from the start.
 func TestVerdictsNamesEveryReason(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	v, err := s.Verdicts()
 	if err != nil {
 		t.Fatal(err)
@@ -226,12 +216,7 @@ func TestVerdictsNamesEveryReason(t *testing.T) {
 // A backend slot handed to a new backend starts from zero bytes both ways,
 // on every CPU, and its neighbours keep theirs.
 func TestResetBackendBytesZeroesOneSlot(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
 		t.Fatal(err)
@@ -284,12 +269,7 @@ func TestResetBackendBytesZeroesOneSlot(t *testing.T) {
 // and a sweep rebuilds the copy from the map: an entry deleted behind the
 // proxy's back (bpftool) is forgotten by the next sweep.
 func TestAffinityCopyIsWrittenThroughAndRebuiltBySweep(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	a := s.Affinity()
 	client := netip.MustParseAddr("198.51.100.9")
 	now := time.Unix(1_800_000_000, 0)
@@ -333,12 +313,7 @@ func TestAffinityCopyIsWrittenThroughAndRebuiltBySweep(t *testing.T) {
 // entries are already gone does not stop the others (the kernel's batch
 // delete stops at the first missing key).
 func TestUnpairBatchSkipsMissingEntries(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	var pairs []Pair
 	for i := range 3 {
 		_, clientSide := socketPair(t)
@@ -366,12 +341,7 @@ func TestUnpairBatchSkipsMissingEntries(t *testing.T) {
 // socket may own by now (descriptor numbers are reused). The verdict checks
 // the slot's owner and leaves the new owner's count alone.
 func TestStalePairingLeavesReusedFlowSlotAlone(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	remoteClient, clientSide := socketPair(t)
 	backendSide, _ := socketPair(t)
 	cfd, ccookie := fdCookie(t, clientSide)
@@ -410,12 +380,7 @@ func TestStalePairingLeavesReusedFlowSlotAlone(t *testing.T) {
 // The remote's bare FIN sets the FIN bit of the flow, after the count of
 // every byte before it: userspace reads EOF there without a recv.
 func TestBareFINSetsFlowFINAfterTheCount(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	remoteClient, clientSide := socketPair(t)
 	backendSide, _ := socketPair(t)
 	cfd, ccookie := fdCookie(t, clientSide)
@@ -451,12 +416,7 @@ func TestBareFINSetsFlowFINAfterTheCount(t *testing.T) {
 // nothing behind, flow slots included: the caller copies such a connection
 // in userspace and never unpairs it.
 func TestFailedPairingReleasesFlowSlots(t *testing.T) {
-	requireBPF(t)
-	s, err := Open(tempPin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSockmap(t)
 	remoteClient, clientSide := socketPair(t)
 	backendSide, _ := socketPair(t)
 	remoteClient.Close()
@@ -467,7 +427,7 @@ func TestFailedPairingReleasesFlowSlots(t *testing.T) {
 	}
 	cfd, ccookie := fdCookie(t, clientSide)
 	bfd, bcookie := fdCookie(t, backendSide)
-	err = s.Pair(Pair{ClientFD: cfd, BackendFD: bfd, ClientCookie: ccookie, BackendCookie: bcookie})
+	err := s.Pair(Pair{ClientFD: cfd, BackendFD: bfd, ClientCookie: ccookie, BackendCookie: bcookie})
 	if !errors.Is(err, ErrNotEstablished) || errors.Is(err, ErrClientStaysPaired) {
 		t.Fatalf("pairing a half-closed client socket: %v; want ErrNotEstablished without ErrClientStaysPaired", err)
 	}
@@ -477,4 +437,17 @@ func TestFailedPairingReleasesFlowSlots(t *testing.T) {
 	if n, err := CountPinnedFlows(s.PinPath); err != nil || n != 0 {
 		t.Fatalf("after the failed pairing: %d flow slots owned, %v; want none", n, err)
 	}
+}
+
+// openSockmap loads the data plane pinned under a temporary path, closed
+// when the test ends; it skips where BPF is unavailable (requireBPF).
+func openSockmap(t *testing.T) *Sockmap {
+	t.Helper()
+	requireBPF(t)
+	s, err := Open(tempPin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
 }
