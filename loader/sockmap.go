@@ -425,10 +425,7 @@ func (s *Sockmap) Pair(p Pair) error {
 		return fmt.Errorf("write pairings: %w", err)
 	}
 	if err := s.objs.Sockets.Update(p.ClientCookie, uint64(p.ClientFD), ebpf.UpdateAny); err != nil {
-		// Nothing of the pair stays: the caller will not unpair it, so
-		// flows claimed here would stay owned after both sockets close.
-		s.unpair(p)
-		s.releaseFlows(p)
+		s.abandonPair(p)
 		return fmt.Errorf("insert client socket into sockhash: %w", establishedErr(err))
 	}
 	if err := s.objs.Sockets.Update(p.BackendCookie, uint64(p.BackendFD), ebpf.UpdateAny); err != nil {
@@ -475,7 +472,12 @@ func (s *Sockmap) Unpair(pairs ...Pair) error {
 	return nil
 }
 
-func (s *Sockmap) unpair(p Pair) error {
+// abandonPair undoes a pairing that failed before its client socket
+// entered the sockhash: the caller will not unpair it, so neither its
+// pairing entries nor its flow slots may stay behind once both sockets
+// close.
+func (s *Sockmap) abandonPair(p Pair) error {
+	s.releaseFlows(p)
 	if _, err := s.objs.Pairings.BatchDelete([]uint64{p.ClientCookie, p.BackendCookie}, nil); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete pairings: %w", err)
 	}
